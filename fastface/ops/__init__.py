@@ -1,0 +1,10 @@
+"""Fused ops with several backends (CUDA, Triton, C++ CPU) and a PyTorch reference each."""
+from __future__ import annotations
+
+from fastface.ops.dispatch import BACKENDS, BackendUnavailable, FusedOp, forced_backend, use_backend
+from fastface.ops.dwconv import dwconv2d, dwconv2d_reference
+
+__all__ = [
+    "BACKENDS", "BackendUnavailable", "FusedOp", "forced_backend", "use_backend",
+    "dwconv2d", "dwconv2d_reference",
+]
