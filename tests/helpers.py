@@ -1,0 +1,16 @@
+"""Test helpers shared by the kernel tests."""
+from __future__ import annotations
+
+import torch
+
+
+def assert_fast_within_torch_error(fast: torch.Tensor, torch_same: torch.Tensor, ref64: torch.Tensor,
+                                   factor: float = 2.0, floor: float = 1e-6) -> None:
+    """flash-attention rule: the fast path's error against a float64 reference is at most
+    `factor` x the error of PyTorch in the same dtype (plus a tiny floor for exact cases)."""
+    ref = ref64.to(torch.float64)
+    err_fast = (fast.to(torch.float64) - ref).abs().max().item()
+    err_torch = (torch_same.to(torch.float64) - ref).abs().max().item()
+    scale = max(1.0, ref.abs().max().item())
+    assert err_fast <= factor * err_torch + floor * scale, (
+        f"fast-path error {err_fast:.3e} > {factor} x torch error {err_torch:.3e} (+ floor {floor * scale:.1e})")
