@@ -191,7 +191,7 @@ sched_step.__doc__ = ("One FastFace scheduler step in place: sched_step(state, l
 @sched_step.register("cuda", _cuda_reasons)
 @sched_step.register("cpp", _cpp_reasons)
 def _sched_step_ext(state, lrs, loss, base_lrs, *scalars) -> None:
-    torch.ops.fastface.fastface_sched_step(state, lrs, loss, base_lrs, *scalars)
+    torch.ops.fastface.fastface_sched_step.default(state, lrs, loss, base_lrs, *scalars)
 
 
 @sched_step.register("triton", _triton_reasons)

@@ -30,6 +30,20 @@ Two modes with the same maths:
   of it. Nothing is read back to the host; get_last_lr() reads it lazily, when called.
 - host (the loss is a float): the same maths in plain Python floats (python_update), which is
   also the test oracle for every backend of the op.
+
+Use in a training loop (the optimiser must be built with fused=True, or capturable=True for
+Adam/AdamW on CUDA: the other code paths turn a tensor lr into a Python number, a host sync):
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4, fused=True)
+    sched = FastFaceScheduler(opt, total_steps=epochs * steps_per_epoch)
+    for x, y in loader:
+        loss = criterion(model(x), y)   # under DDP: the all-reduced mean, so all ranks decide alike
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step(loss)                # one fused op on loss.device, no host read
+        if log_now:
+            print(sched.get_last_lr())  # the only host read, when the log asks
 """
 from __future__ import annotations
 
