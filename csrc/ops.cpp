@@ -19,4 +19,9 @@ TORCH_LIBRARY(fastface, m) {
   m.def(
       "dwconv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, int stride, int padding, "
       "bool relu6) -> (Tensor, Tensor, Tensor)");
+  // One step of the FastFace LR scheduler: updates the float64 scheduler state in place from
+  // the batch loss and writes base_lrs * factor * warmup into lrs, all on the loss's device.
+  m.def(
+      "fastface_sched_step(Tensor(a!) state, Tensor(b!) lrs, Tensor loss, Tensor base_lrs, float w1, float w2, "
+      "float w3, float alpha, float lambd, int patience, float delta, int max_halvings, int warmup_steps) -> ()");
 }
