@@ -166,13 +166,15 @@ class LatencyLUT:
     """Per-layer latency table for one device / batch / dtype / thread count; callable as a resource (spec -> ms)."""
 
     def __init__(self, device: str = "cpu", batch: int = 1, dtype: str = "float32", threads: int | None = None,
-                 warmup: int = 5, runs: int = 30, measure_missing: bool = True, stat: str = "p10"):
+                 warmup: int = 5, runs: int = 30, measure_missing: bool = True, stat: str = "p10", rounds: int = 1):
         if dtype not in DTYPES:
             raise ValueError(f"LatencyLUT: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if stat not in STATS:
             raise ValueError(f"LatencyLUT: stat {stat!r} is not one of {', '.join(STATS)}")
-        if batch < 1 or runs < 1 or warmup < 0:
-            raise ValueError(f"LatencyLUT: need batch >= 1, runs >= 1, warmup >= 0; got {batch}, {runs}, {warmup}")
+        if batch < 1 or runs < 1 or warmup < 0 or rounds < 1:
+            raise ValueError(f"LatencyLUT: need batch, runs, rounds >= 1 and warmup >= 0; got {batch}, {runs}, "
+                             f"{rounds}, {warmup}")
+        self.rounds = rounds
         self.device, self.batch, self.dtype, self.threads = str(device), batch, dtype, threads
         self.warmup, self.runs, self.measure_missing, self.stat = warmup, runs, measure_missing, stat
         self.entries: dict[str, float] = {}
@@ -197,14 +199,20 @@ class LatencyLUT:
         return self.call_overhead_ms
 
     def measure_spec(self, spec: ArchSpec) -> int:
-        """Time every layer of spec that the table lacks; returns how many were measured."""
+        """Time every layer of spec that the table lacks; returns how many were measured.
+
+        With rounds > 1 every layer is timed once per round, the rounds spread over the whole
+        network, and the least disturbed (smallest) time is kept.
+        """
         self._ensure_overhead()
-        n = 0
-        for e in layer_entries(spec):
-            if e.key not in self.entries:
-                self.entries[e.key] = self._time(e.build(), e.shape)
-                n += 1
-        return n
+        todo = {e.key: e for e in layer_entries(spec) if e.key not in self.entries}
+        mods = {k: e.build() for k, e in todo.items()}
+        times: dict[str, list[float]] = {k: [] for k in todo}
+        for _ in range(self.rounds):
+            for k, e in todo.items():
+                times[k].append(self._time(mods[k], e.shape))
+        self.entries.update({k: min(v) for k, v in times.items()})
+        return len(todo)
 
     def missing(self, spec: ArchSpec) -> list[str]:
         """Keys of spec's layers not in the table."""
@@ -232,7 +240,8 @@ class LatencyLUT:
             model = build_model(spec)
         model = model.to_empty(device=self.device)
         _fill_random(model)
-        return self._time(model, (spec.in_channels, spec.input_size, spec.input_size))
+        shape = (spec.in_channels, spec.input_size, spec.input_size)
+        return min(self._time(model, shape) for _ in range(self.rounds))
 
     def __call__(self, spec: ArchSpec) -> float:
         if not self.fallback:
@@ -246,7 +255,8 @@ class LatencyLUT:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready contents."""
         return {"version": LUT_VERSION, "device": self.device, "batch": self.batch, "dtype": self.dtype,
-                "threads": self.threads, "warmup": self.warmup, "runs": self.runs, "stat": self.stat, "meta": self.meta,
+                "threads": self.threads, "warmup": self.warmup, "runs": self.runs, "stat": self.stat,
+                "rounds": self.rounds, "meta": self.meta,
                 "call_overhead_ms": self.call_overhead_ms, "scale": self.scale, "offset_ms": self.offset_ms,
                 "fallback": self.fallback, "entries": self.entries, "direct": self.direct, "checks": self.checks}
 
@@ -266,7 +276,7 @@ class LatencyLUT:
             raise ValueError(f"{path}: not a version-{LUT_VERSION} latency LUT")
         try:
             lut = cls(d["device"], d["batch"], d["dtype"], d["threads"], d["warmup"], d["runs"], measure_missing,
-                      d["stat"])
+                      d["stat"], d["rounds"])
             lut.meta = d["meta"]
             lut.call_overhead_ms, lut.scale, lut.offset_ms = d["call_overhead_ms"], d["scale"], d["offset_ms"]
             lut.fallback, lut.entries, lut.direct, lut.checks = d["fallback"], d["entries"], d["direct"], d["checks"]
