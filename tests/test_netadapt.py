@@ -10,7 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastface.arch import ArchSpec
 from fastface.losses import CombinedMarginLoss, PartialFC
 from fastface.models.supernet import Supernet, train_supernet
 from fastface.search.netadapt import (

@@ -36,7 +36,7 @@ width, so such widths cannot be sliced; the space treats them as invalid (`probl
 from __future__ import annotations
 
 import hashlib
-import random
+from random import Random
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Union
 
@@ -179,7 +179,7 @@ class WidthSpace:
             steps = 1
         return None
 
-    def random(self, rng: random.Random) -> Widths:
+    def random(self, rng: Random) -> Widths:
         """A uniformly drawn valid widths vector (redrawn until it can be sliced)."""
         for _ in range(1000):
             w = {n: rng.choice(v.choices) for n, v in self.vars.items()}

@@ -6,7 +6,9 @@ A layer's key is its full configuration (kind, channels in / hidden / out, kerne
 input size; the LUT itself fixes device, batch, dtype and threads), so equal layers of any
 network are measured once. Every layer is timed as the same module the network runs
 (ConvBNAct, InvertedResidual, the merge, the head) with fastface.eval.latency.measure, in
-eval mode (folded BN), at its input shape.
+eval mode (folded BN), at its input shape. A time is the 10th percentile of the runs (`stat`,
+or the median), and with `rounds` > 1 the smallest of several rounds spread in time: on a
+shared machine other processes otherwise stretch some layers and not others.
 
 Per-call overhead correction: timing one module call includes a fixed cost (the Python call
 and the timer) that a whole-network forward pays once, not once per layer. The LUT times an
@@ -123,11 +125,12 @@ def layer_entries(spec: ArchSpec) -> list[LayerEntry]:
     cf, size = infos[-1].cout, spec.final_size
     if spec.last_channels:
         lc = spec.last_channels
-        out.append(LayerEntry(f"last:cin={cf},cout={lc},size={size}", lambda cf=cf, lc=lc: ConvBNAct(cf, lc, 1), (cf, size, size)))
+        out.append(LayerEntry(f"last:cin={cf},cout={lc},size={size}", lambda cf=cf, lc=lc: ConvBNAct(cf, lc, 1),
+                              (cf, size, size)))
         cf = lc
     h = spec.head
-    out.append(LayerEntry(f"head:{h.kind},c={cf},dim={h.dim},size={size}", lambda h=h, cf=cf, size=size: make_head(h, cf, size),
-                          (cf, size, size)))
+    out.append(LayerEntry(f"head:{h.kind},c={cf},dim={h.dim},size={size}",
+                          lambda h=h, cf=cf, size=size: make_head(h, cf, size), (cf, size, size)))
     return out
 
 

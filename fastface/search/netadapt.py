@@ -240,7 +240,8 @@ def _score_model(model: nn.Module, score: Score, calib: Sequence[Any]) -> float:
 
 
 def _initial_record(supernet: Supernet, mode: str, score: Score, resources: Mapping[str, Resource],
-                    constraints: Mapping[str, float], calib: Sequence[Any], config: NetAdaptConfig) -> tuple[Record, MobileNetV2]:
+                    constraints: Mapping[str, float], calib: Sequence[Any],
+                    config: NetAdaptConfig) -> tuple[Record, MobileNetV2]:
     t0 = time.perf_counter()
     full = supernet.space.full()
     spec = supernet.space.spec_at(full)
@@ -331,7 +332,8 @@ def _search(mode: str, supernet: Supernet, score: Score, resources: Mapping[str,
             crit = _criterion(s, values, cur, records[0]["resources"], constraints, config.criterion)
             crits.append(crit)
             # JSON has no infinity: "nothing saved" is recorded as null.
-            cands.append({"widths": w, "resources": values, "score": s, "criterion": crit if math.isfinite(crit) else None})
+            cands.append({"widths": w, "resources": values, "score": s,
+                          "criterion": crit if math.isfinite(crit) else None})
             models.append(model)
         best = min(range(len(cands)), key=lambda i: (crits[i], -cands[i]["score"], i))
         chosen = cands[best]
