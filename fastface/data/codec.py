@@ -1,7 +1,7 @@
 """Image codecs of fastface data sets: RGB JPEG, 16-bit depth PNG, and the RGB-D payload.
 
-An RGB-D sample travels as one byte string: the RGB JPEG followed directly by the depth map
-as a 16-bit grayscale PNG (``JPEG ‖ PNG``). JPEG decoders stop at the end-of-image marker,
+An RGB-D sample travels as one byte string: the RGB JPEG (or PNG) followed directly by the
+depth map as a 16-bit grayscale PNG (``JPEG ‖ PNG``). JPEG decoders stop at the end-of-image marker,
 so tools that know nothing of depth (insightface, mxnet, DALI) still decode the RGB part;
 ``split_rgbd`` finds the boundary by walking the JPEG marker segments, never by guessing.
 
@@ -121,6 +121,23 @@ def jpeg_end(buf: bytes | memoryview) -> int:
     raise DecodeError("truncated JPEG (no end-of-image marker)")
 
 
+def png_end(buf: bytes | memoryview) -> int:
+    """Offset just past a PNG's IEND chunk, by walking its chunks; raises DecodeError if none."""
+    data = bytes(buf)
+    if data[:8] != PNG_SIGNATURE:
+        raise DecodeError("not a PNG (no signature)")
+    i, n = 8, len(data)
+    while i + 8 <= n:
+        length = int.from_bytes(data[i : i + 4], "big")
+        ctype = data[i + 4 : i + 8]
+        i += 12 + length  # length, type, data, CRC
+        if ctype == b"IEND":
+            if i > n:
+                break
+            return i
+    raise DecodeError("truncated PNG (no IEND chunk)")
+
+
 def check_complete(buf: bytes | memoryview) -> None:
     """Raise DecodeError for an empty or visibly truncated JPEG/PNG (decoders grey-fill those silently)."""
     n = len(buf)
@@ -144,14 +161,17 @@ def pack_rgbd(rgb_jpeg: bytes, depth_png: bytes) -> bytes:
 def split_rgbd(payload: bytes | memoryview, rgb_len: int | None = None) -> tuple[bytes, bytes | None]:
     """Split a payload into (rgb bytes, depth PNG bytes or None).
 
-    ``rgb_len`` (from the record header) skips the JPEG walk; a payload that is not a JPEG
-    (e.g. a PNG) or has nothing after the JPEG is RGB only.
+    ``rgb_len`` (from the record header) skips the walk over the RGB image's markers (JPEG)
+    or chunks (PNG); a payload with nothing after its image is RGB only.
     """
     data = bytes(payload)
     if rgb_len is None:
-        if data[:2] != JPEG_SOI:
+        if data[:2] == JPEG_SOI:
+            rgb_len = jpeg_end(data)
+        elif data[:8] == PNG_SIGNATURE:
+            rgb_len = png_end(data)
+        else:
             return data, None
-        rgb_len = jpeg_end(data)
     if rgb_len > len(data):
         raise DecodeError(f"RGB length {rgb_len} exceeds the payload ({len(data)} bytes)")
     rest = data[rgb_len:]

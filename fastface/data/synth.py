@@ -28,7 +28,7 @@ import numpy as np
 
 from fastface.data.codec import DEPTH_SCALE, DEPTH_ZERO
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 IMAGE_SIZE = 112
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_TEST = 0, 1, 2
 
@@ -57,14 +57,16 @@ class SynthConfig:
     test_pairs: int = 600
     seed: int = 0
     difficulty: float = 1.0
-    yaw_deg: float = 30.0
-    pitch_deg: float = 12.0
-    roll_deg: float = 8.0
+    yaw_deg: float = 35.0
+    pitch_deg: float = 15.0
+    roll_deg: float = 10.0
     expression: float = 1.0
-    lighting: float = 1.0
+    lighting: float = 1.15
     noise: float = 1.0
     occlusion_p: float = 0.1
-    id_scale: float = 1.0  # spread of identity shape/albedo variation (larger = easier)
+    shift_px: float = 5.0  # translation jitter of the face centre, pixels at 112
+    scale_jitter: float = 0.08  # relative
+    id_scale: float = 1.5  # spread of identity shape/albedo variation (larger = easier)
     jpeg_quality: int = 92
 
     def to_dict(self) -> dict:
@@ -193,21 +195,23 @@ def make_identity(seed: int, split: int, index: int, cfg: SynthConfig | None = N
     d *= _smoothstep((1.25 - np.abs(X0)) / 0.3)
 
     # Albedo.
-    skin = _SKIN[pick(len(_SKIN))] * (1 + k * 0.06 * r.standard_normal(3)).astype(np.float32)
+    # Tones pulled halfway to the palette mean: skin colour is a weak cue, not a name tag.
+    skin = (0.5 * _SKIN[pick(len(_SKIN))] + 0.5 * _SKIN.mean(0)) * (1 + k * 0.04 * r.standard_normal(3)).astype(np.float32)
     alb = np.broadcast_to(skin, (_NP, _NT, 3)).astype(np.float32).copy()
-    for _ in range(6):
-        fx, fy, ph = r.uniform(1.5, 5), r.uniform(1.5, 5), r.uniform(0, 2 * math.pi)
-        col = k * 0.02 * r.standard_normal(3).astype(np.float32)
+    # Blotches at several scales: a local texture a CNN can key on, misaligned for a pixel probe.
+    for _ in range(8):
+        fx, fy, ph = r.uniform(2, 9), r.uniform(2, 9), r.uniform(0, 2 * math.pi)
+        col = k * 0.03 * r.standard_normal(3).astype(np.float32)
         draws += [fx, fy, ph, *col.tolist()]
         alb += np.cos(fx * X0 + ph)[..., None] * np.cos(fy * Y0)[..., None] * col
     hair = _HAIR[pick(len(_HAIR))]
-    hair_line = n(0.70, 0.06)
+    hair_line = n(0.80, 0.05)
     hair_curve = n(0.25, 0.12)
     hair_mask = _smoothstep((Y0 - (hair_line + hair_curve * X0**2)) / 0.05)
     side = _smoothstep((np.abs(X0) - n(0.93, 0.04)) / 0.06) * _smoothstep((Y0 + 0.05) / 0.2)
     hair_mask = np.maximum(hair_mask, side)
     # Eyebrows: an arch above each eye.
-    bw, bt, barch, bdark = n(0.14, 0.025), n(0.022, 0.007), n(0.04, 0.02), float(np.clip(n(0.7, 0.15), 0.2, 1.0))
+    bw, bt, barch, bdark = n(0.14, 0.03), max(0.01, n(0.024, 0.01)), n(0.04, 0.025), float(np.clip(n(0.7, 0.2), 0.2, 1.0))
     ex = np.abs(X0) - eye_x
     brow_curve = brow_y + barch * (1 - (ex / bw) ** 2)
     brow_mask = np.exp(-0.5 * ((Y0 - brow_curve) / bt) ** 2) * _smoothstep((bw - np.abs(ex)) / 0.03) * bdark
@@ -224,11 +228,11 @@ def make_identity(seed: int, split: int, index: int, cfg: SynthConfig | None = N
     alb = alb * (1 - lip_mask[..., None]) + lips_col * lip_mask[..., None]
     alb = alb * (1 - eye_mask[..., None]) + np.float32(0.85) * eye_mask[..., None]
     alb = alb * (1 - iris_mask[..., None]) + iris * iris_mask[..., None]
-    n_moles = pick(4)
+    n_moles = pick(6)
     for _ in range(n_moles):
-        mx, my = r.uniform(-0.6, 0.6), r.uniform(-0.7, 0.5)
-        draws += [mx, my]
-        alb *= (1 - 0.55 * _gauss(mx, my, 0.018, 0.018))[..., None]
+        mx, my, ms, mdark = r.uniform(-0.6, 0.6), r.uniform(-0.7, 0.5), r.uniform(0.015, 0.04), r.uniform(0.3, 0.7)
+        draws += [mx, my, ms, mdark]
+        alb *= (1 - mdark * _gauss(mx, my, ms, ms))[..., None]
     if r.random() < 0.3:
         beard = float(r.uniform(0.2, 0.7))
         draws.append(beard)
@@ -325,9 +329,9 @@ def render(ident: FaceIdentity, sample: int, cfg: SynthConfig | None = None, siz
     py = (rot[1, 0] * pts[0] + rot[1, 1] * pts[1] + rot[1, 2] * pts[2]).reshape(-1)
     pz = (rot[2, 0] * pts[0] + rot[2, 1] * pts[1] + rot[2, 2] * pts[2]).reshape(-1)
     nzz = (rot[2, 0] * nrm[0] + rot[2, 1] * nrm[1] + rot[2, 2] * nrm[2]).reshape(-1)
-    scale = size / 112 * 68.0 * (1 + 0.05 * dif * r.uniform(-1, 1))
-    cx = size / 2 + 3 * dif * r.uniform(-1, 1)
-    cy = size / 2 + 0.12 * size + 3 * dif * r.uniform(-1, 1)
+    scale = size / 112 * 68.0 * (1 + cfg.scale_jitter * dif * r.uniform(-1, 1))
+    cx = size / 2 + size / 112 * cfg.shift_px * dif * r.uniform(-1, 1)
+    cy = size / 2 + 0.12 * size + size / 112 * cfg.shift_px * dif * r.uniform(-1, 1)
 
     ix = np.rint(cx + scale * px).astype(np.int32)
     iy = np.rint(cy - scale * py).astype(np.int32)
