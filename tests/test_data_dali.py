@@ -1,0 +1,217 @@
+"""DALI: its own mxnet reader reads our files and foreign ones; the dali backend equals torch."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from data_helpers import break_jpeg, mx_pack, tiny_set, write_foreign  # noqa: E402
+from fastface.data.codec import decode_depth, decode_rgb, encode_depth, encode_rgb, normalize_depth, normalize_rgb  # noqa: E402
+from fastface.data.dali import DaliLoader, mxnet_reader_pipeline  # noqa: E402
+from fastface.data.errors import DataError  # noqa: E402
+from fastface.data.loader import DataConfig, TorchLoader  # noqa: E402
+from fastface.data.recordio import RecordReader  # noqa: E402
+from fastface.data.sources import RecordSource  # noqa: E402
+
+AUG = dict(flip=True, crop_scale=0.15, brightness=0.3, contrast=0.3, depth_noise=0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_set(tmp_path_factory)
+
+
+def _cfg(tiny, **kw):
+    base = dict(path=os.path.join(tiny, "train.rec"), batch_size=7, num_workers=2, drop_last=False, seed=5, device="cpu")
+    return DataConfig(**{**base, **kw})
+
+
+def _expected(rec: str, channels: str) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+    """Our own decode of every image record, keyed by record key."""
+    src = RecordSource(rec)
+    imgs, labels = {}, {}
+    for i, k in enumerate(src.keys):
+        label, rgb, depth = src.read(i)
+        parts = []
+        if channels != "depth":
+            parts.append(normalize_rgb(decode_rgb(rgb)))
+        if "d" in channels:
+            parts.append(normalize_depth(decode_depth(depth)))
+        imgs[k] = torch.from_numpy(np.concatenate(parts))
+        labels[k] = label
+    return imgs, labels
+
+
+@pytest.mark.parametrize("channels", ["rgbd", "rgb", "depth"])
+def test_dali_mxnet_reader_reads_our_files(tiny, channels):
+    rec = os.path.join(tiny, "train.rec")
+    expect, labels = _expected(rec, channels)
+    pipe = mxnet_reader_pipeline(rec, batch_size=16, num_threads=2, channels=channels)
+    got = []
+    for _ in range(3):  # 48 images, in file order
+        images, labs = pipe.run()
+        x = torch.from_numpy(np.array(images.as_tensor()))
+        lab = np.array(labs.as_tensor())
+        got += list(zip(x, lab))
+    with RecordReader(rec) as r:
+        keys = r.image_keys()
+    assert len(got) == len(keys) == 48
+    for k, (x, lab) in zip(keys, got):
+        assert int(lab[0]) == labels[k]
+        if "d" in channels:
+            assert lab.shape == (2,)
+        assert torch.equal(x, expect[k]), f"record {k} differs"
+
+
+def test_dali_and_ours_read_a_foreign_file(tmp_path):
+    """A set written byte by byte as mxnet does (RGB JPEG records, one split in two parts)."""
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(5)]
+    jpgs = [encode_rgb(im) for im in imgs]
+    recs = [(0, mx_pack([6.0, 8.0], 0, 0, b""))]
+    recs += [(i + 1, mx_pack(float(i // 3), i + 1, 0, jpgs[i])) for i in range(5)]
+    recs += [(6, mx_pack([1.0, 4.0], 0, 0, b"")), (7, mx_pack([4.0, 6.0], 0, 0, b""))]
+    rec = str(tmp_path / "foreign.rec")
+    write_foreign(rec, recs)
+    pipe = mxnet_reader_pipeline(rec, batch_size=5, num_threads=1, channels="rgb")
+    images, labs = pipe.run()
+    x = np.array(images.as_tensor())
+    ld = TorchLoader(DataConfig(path=rec, batch_size=5, backend="torch", num_workers=0, augment=False, shuffle=False, drop_last=False))
+    y, lab2 = next(iter(ld))
+    assert ld.num_classes == 2 and ld.channels == "rgb"
+    assert np.array(labs.as_tensor())[:, 0].tolist() == lab2.tolist() == [0, 0, 0, 1, 1]
+    assert np.array_equal(x, y.numpy())
+    assert np.array_equal(y[0].numpy(), normalize_rgb(decode_rgb(jpgs[0])))
+
+
+def test_dali_reads_multipart_records(tmp_path):
+    """A JPEG with the magic planted in a comment segment at an aligned offset: a 2-part record."""
+    jpg = bytearray(encode_rgb(np.full((112, 112, 3), 90, np.uint8)))
+    magic = (0xCED7230A).to_bytes(4, "little")
+    # COM segment right after SOI; place the magic 4-byte aligned in the record payload
+    # (IRHeader is 24 bytes, so payload offset = 24 + position in the JPEG).
+    com_body = bytearray(b"x" * 14) + magic + b"yyyy"
+    com = b"\xff\xfe" + (len(com_body) + 2).to_bytes(2, "big") + com_body
+    data = bytes(jpg[:2]) + com + bytes(jpg[2:])
+    payload = mx_pack(0.0, 1, 0, data)
+    assert payload.find(magic) % 4 == 0
+    rec = str(tmp_path / "mp.rec")
+    write_foreign(rec, [(0, payload), (1, mx_pack(0.0, 2, 0, data))])
+    raw = open(rec, "rb").read()
+    assert (int.from_bytes(raw[4:8], "little") >> 29) == 1, "the test record must really be multi-part"
+    pipe = mxnet_reader_pipeline(rec, batch_size=2, num_threads=1, channels="rgb")
+    images, _ = pipe.run()
+    x = np.array(images.as_tensor())
+    ours = normalize_rgb(decode_rgb(RecordReader(rec)[0][1]))
+    assert np.array_equal(x[0], ours) and np.array_equal(x[1], ours)
+
+
+@pytest.mark.parametrize("channels", ["rgbd", "rgb", "depth"])
+def test_backends_equal_without_augmentation(tiny, channels):
+    a = TorchLoader(_cfg(tiny, backend="torch", augment=False, channels=channels))
+    b = DaliLoader(_cfg(tiny, backend="dali", augment=False, channels=channels))
+    for e in (0, 1):
+        a.set_epoch(e)
+        b.set_epoch(e)
+        ba, bb = list(a), list(b)
+        assert len(ba) == len(bb) == len(a) == 7
+        for (xa, ya), (xb, yb) in zip(ba, bb):
+            assert torch.equal(ya, yb)
+            assert torch.equal(xa, xb)
+    a.close()
+
+
+def test_backends_share_augmentation(tiny):
+    """Same parameters go to both: flips identical, photometric within a grey level, crops close."""
+    a = TorchLoader(_cfg(tiny, backend="torch", **AUG))
+    b = DaliLoader(_cfg(tiny, backend="dali", **AUG))
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb)
+        d = (xa - xb).abs()
+        # Depth noise is added from the same fields; resampling implementations differ slightly.
+        assert d.mean() < 0.02, d.mean()
+    a.close()
+    fa = TorchLoader(_cfg(tiny, backend="torch", flip=True, brightness=0.3, contrast=0.3))
+    fb = DaliLoader(_cfg(tiny, backend="dali", flip=True, brightness=0.3, contrast=0.3))
+    for (xa, _), (xb, _) in zip(fa, fb):
+        assert (xa - xb).abs().max() <= 1.01 / 127.5
+    fa.close()
+
+
+def test_dali_resume_mid_epoch(tiny):
+    cfg = _cfg(tiny, backend="dali", **AUG)
+    ref = DaliLoader(cfg)
+    ref.set_epoch(2)
+    full = list(ref)
+    run = DaliLoader(cfg)
+    run.set_epoch(2)
+    it = iter(run)
+    next(it), next(it), next(it)
+    state = run.state_dict()
+    resumed = DaliLoader(cfg)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(full) - 3
+    for (a, la), (b, lb) in zip(full[3:], rest):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_dali_sharding_covers_every_record(tiny):
+    labels = []
+    images = []
+    for rank in range(3):
+        ld = DaliLoader(_cfg(tiny, backend="dali", augment=False, batch_size=4), rank, 3)
+        for x, y in ld:
+            images.append(x)
+            labels.append(y)
+    x = torch.cat(images)
+    assert len(x) == 48 and len(torch.unique(x.flatten(1), dim=0)) == 48
+    assert torch.bincount(torch.cat(labels)).tolist() == [6] * 8
+
+
+def test_dali_corrupt_image_raises_or_skips(tiny, tmp_path):
+    rec = str(tmp_path / "train.rec")
+    shutil.copy(os.path.join(tiny, "train.rec"), rec)
+    shutil.copy(os.path.join(tiny, "train.idx"), str(tmp_path / "train.idx"))
+    key = 30
+    break_jpeg(rec, key)
+    cfg = _cfg(tiny, path=rec, backend="dali", augment=False, shuffle=False, batch_size=8)
+    with pytest.raises(DataError, match=rf"train\.rec record {key}\b.*undecodable"):
+        list(DaliLoader(cfg))
+    ld = DaliLoader(DataConfig(**{**cfg.__dict__, "skip_corrupt": True}))
+    batches = list(ld)
+    assert sum(len(y) for _, y in batches) == 47 and ld.skipped == [f"{rec} record {key}"]
+    clean = list(TorchLoader(DataConfig(**{**cfg.__dict__, "path": os.path.join(tiny, "train.rec"), "backend": "torch"})))
+    x = torch.cat([b[0] for b in batches])
+    ref = torch.cat([b[0] for b in clean])
+    keep = [i for i in range(48) if i != key - 1]
+    assert torch.equal(x, ref[keep])
+
+
+def test_rgbd_foreign_depth_8bit(tmp_path):
+    """Depth PNGs of other tools may be 8-bit: both backends scale them by 257 the same way."""
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    d8 = rng.integers(0, 256, (112, 112), dtype=np.uint8)
+    import cv2
+
+    png8 = cv2.imencode(".png", d8)[1].tobytes()
+    jpg = encode_rgb(rgb)
+    root = tmp_path / "f" / "person"
+    root.mkdir(parents=True)
+    (root / "a.jpg").write_bytes(jpg)
+    (root / "a_depth.png").write_bytes(png8)
+    (root / "b.jpg").write_bytes(jpg)
+    (root / "b_depth.png").write_bytes(encode_depth(d8.astype(np.uint16) * 257))
+    t = TorchLoader(DataConfig(path=str(tmp_path / "f"), batch_size=2, num_workers=0, augment=False, shuffle=False, drop_last=False))
+    x, _ = next(iter(t))
+    assert torch.equal(x[0], x[1])
+    dl = DaliLoader(DataConfig(path=str(tmp_path / "f"), batch_size=2, num_workers=1, augment=False, shuffle=False,
+                               drop_last=False, device="cpu"))
+    y, _ = next(iter(dl))
+    assert torch.equal(x, y)
