@@ -62,8 +62,105 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     i.set_defaults(func=_data_info)
 
 
-# Other subcommands (train, eval, export, search, bench, demo) add their add_<cmd>_parser here.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_data_parser]
+def _train(args: argparse.Namespace) -> int:
+    from fastface.train.config import load_train_config
+    from fastface.train.trainer import train
+
+    cfg = load_train_config(args.config, args.overrides)
+    if args.resume:
+        cfg.run.resume = True
+    metrics = train(cfg)
+    for name, r in metrics["verification"].items():
+        print(f"{name} verification accuracy: {r['accuracy']:.4f}")
+    return 0
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``fastface train --config X.yaml [key=value ...]`` (also under torchrun)."""
+    p = subparsers.add_parser("train", help="train a model (one process, or one rank under torchrun)",
+                              description="Train from a YAML config; key=value arguments override it "
+                                          "(e.g. optim.lr=0.05 run.epochs=3). Multi-GPU / multi-node: "
+                                          "torchrun --nproc_per_node N -m fastface train --config ...")
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_train)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from fastface.data.verification import load_pairs
+    from fastface.eval.cost import spec_cost
+    from fastface.eval.latency import measure
+    from fastface.eval.verification import evaluate_model
+    from fastface.train.checkpoint import load_model
+
+    model = load_model(args.model)
+    spec = model.spec
+    channels = "rgbd" if len(spec.inputs) > 1 else next(iter(spec.inputs))
+    out = {"params": spec_cost(spec)[0], "macs": spec_cost(spec)[1]}
+    for path in args.sets:
+        images, issame = load_pairs(path, channels, spec.input_size)
+        r = evaluate_model(model, images, issame, batch_size=args.batch_size, nfolds=args.nfolds)
+        out[path] = r.as_dict()
+        print(f"{path}: {r}")
+    lat = measure(model, (spec.in_channels, spec.input_size, spec.input_size), batch=1, runs=args.runs)
+    out["latency_ms_batch1"] = lat.median_ms
+    print(f"params {out['params']:,}  MACs {out['macs'] / 1e6:.1f}M  latency (batch 1, CPU) {lat.median_ms:.2f} ms")
+    if args.json:
+        from fastface.utils import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(out, indent=2))
+    return 0
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``fastface eval MODEL --sets a.bin b.bin``."""
+    p = subparsers.add_parser("eval", help="verification accuracy, params, MACs and latency of a trained model")
+    p.add_argument("model", help="model.pt written by training (or a checkpoint folder)")
+    p.add_argument("--sets", nargs="*", default=[], help="verification .bin files")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--nfolds", type=int, default=10)
+    p.add_argument("--runs", type=int, default=30, help="timed runs for the latency median")
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(func=_eval)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fastface.eval.export import export_onnx
+    from fastface.train.checkpoint import load_model
+
+    model = load_model(args.model)
+    err = export_onnx(model, args.out, opset=args.opset)
+    print(f"{args.out}: ONNX opset {args.opset}, dynamic batch; onnxruntime vs PyTorch max |diff| {err:.2e}")
+    return 0
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``fastface export MODEL --out model.onnx``."""
+    p = subparsers.add_parser("export", help="export a trained model to ONNX (checked with onnxruntime)")
+    p.add_argument("model", help="model.pt written by training")
+    p.add_argument("--out", required=True, help="output .onnx path")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=_export)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fastface.demo import main as demo_main
+
+    return demo_main(args.overrides)
+
+
+def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``fastface demo``: the main job on the embedded synthetic data (what `make demo` runs)."""
+    p = subparsers.add_parser("demo", help="the main job on the embedded synthetic RGB-D data")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of configs/demo.yaml")
+    p.set_defaults(func=_demo)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_data_parser, add_train_parser, add_eval_parser, add_export_parser, add_demo_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fastface`` and ``python -m fastface``."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from fastface.arch import ArchSpecError
+    from fastface.config_io import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ArchSpecError) as e:
+        print(f"fastface {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ class Trainer:
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[run.amp]
         self.scaler = torch.amp.GradScaler(self.device.type) if run.amp == "fp16" else None
         self.bn_buffers = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                           for b in (m.running_mean, m.running_var)]
+                           for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
         z = lambda dt=torch.float32: torch.zeros((), device=self.device, dtype=dt)  # noqa: E731
         self.stats = StepStats(z(torch.float64), z(), z(torch.int64), z(torch.int64))
         self.step = 0
@@ -351,8 +351,8 @@ class Trainer:
 
     def _log_step(self, t_last: float, samples: int, bar) -> None:
         st = self.stats
-        n = max(1.0, float(st.loss_n))
-        loss = float(st.loss_sum) / n
+        n = float(st.loss_n)
+        loss = float(st.loss_sum) / n if n else float("nan")  # nan: every step of the window was skipped
         st.loss_sum.zero_()
         st.loss_n.zero_()
         lr = float(self.scheduler.get_last_lr()[0])
