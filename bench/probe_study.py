@@ -3,9 +3,10 @@
 On a synthetic set (default: the ``demo`` preset, generated or reused), for RGB, depth and
 RGB-D inputs:
 
-* linear probe: multinomial logistic regression on raw pixels (2x2 average-pooled to 56x56,
-  which keeps it affordable on 2 cores), trained on 30 images of each training identity;
-* small CNN: 7 conv layers + a 128-d embedding with a CosFace head, trained for a fixed
+* linear probe: multinomial logistic regression on raw pixels (average-pooled to 28x28 per
+  channel, which keeps it affordable on 2 cores and, with ~9k training images, generalises
+  better than full resolution), trained on 30 images of each training identity;
+* small CNN: 7 conv layers + a 128-d embedding with a normalised-softmax head, trained for a fixed
   number of steps on the same images;
 
 and reports closed-set accuracy on the 10 held-out images of each training identity, and
@@ -15,7 +16,7 @@ on 9 folds, accuracy on the 10th). For the probe the embedding is its logit vect
 "raw pixels" row uses the normalised pixels themselves.
 
 Writes bench/results/probe_study.json and probe_study.md. A few CPU minutes:
-``python bench/probe_study.py [--data data/synth-demo] [--steps 600]``.
+``python bench/probe_study.py [--data data/synth-demo] [--steps 400]``.
 """
 from __future__ import annotations
 
@@ -140,12 +141,16 @@ class SmallCNN(nn.Module):
 
 
 def train_cnn(xtr, ytr, xte, yte, pairs, issame, n_cls: int, steps: int, batch: int, seed: int) -> dict:
-    """SmallCNN + CosFace (s=32, m=0.25), SGD with warmup and cosine decay, flip augmentation."""
+    """SmallCNN + normalised softmax (NormFace, s=16), SGD one-cycle, flip augmentation.
+
+    No margin: on this budget (~25k samples) a margin from step 0 (CosFace s=32, m=0.25)
+    learned far less (RGB: verification 0.62 vs 0.86), as margin losses usually need a warm start.
+    """
     torch.manual_seed(seed)
     net = SmallCNN(xtr.shape[1]).to(memory_format=torch.channels_last)
     w = nn.Parameter(torch.randn(n_cls, 128) * 0.01)
     opt = torch.optim.SGD([*net.parameters(), w], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     net.train()
@@ -156,8 +161,7 @@ def train_cnn(xtr, ytr, xte, yte, pairs, issame, n_cls: int, steps: int, batch: 
         x[flip] = x[flip].flip(3)
         x = x.contiguous(memory_format=torch.channels_last)
         cos = F.linear(F.normalize(net(x)), F.normalize(w))
-        logits = 32.0 * (cos - 0.25 * F.one_hot(ytr[b], n_cls))
-        loss = F.cross_entropy(logits, ytr[b])
+        loss = F.cross_entropy(16.0 * cos, ytr[b])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -183,7 +187,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/synth-demo", help="synthetic set directory (made with the demo preset if missing)")
     ap.add_argument("--preset", default="demo")
-    ap.add_argument("--steps", type=int, default=600, help="CNN training steps per modality")
+    ap.add_argument("--steps", type=int, default=400, help="CNN training steps per modality")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--probe-epochs", type=int, default=15)
     ap.add_argument("--probe-size", type=int, default=28, help="pixels are average-pooled to this side for the probe")
@@ -228,9 +232,9 @@ def main() -> None:
                      f"{cn['closed_set_acc']:.3f} | {cn['verification_acc']:.3f} ± {cn['verification_std']:.3f} |")
     md = (f"# Probe study: synthetic `{args.preset}` set\n\n{len(xtr)} training images of {n_cls} identities "
           f"(closed-set: {len(xte)} held-out images of the same identities); verification: {len(issame)} pairs of "
-          f"unseen identities (`val.bin`, 10-fold). Linear probe: logistic regression on 56x56-pooled raw pixels, "
+          f"unseen identities (`val.bin`, 10-fold). Linear probe: logistic regression on raw pixels pooled to {PROBE_SIZE}x{PROBE_SIZE}, "
           f"{args.probe_epochs} epochs. Small CNN: {args.steps} steps x {args.batch} "
-          f"({args.steps * args.batch} samples), CosFace, {args.threads} CPU threads. Chance: closed-set "
+          f"({args.steps * args.batch} samples), normalised softmax (s=16), {args.threads} CPU threads. Chance: closed-set "
           f"{1 / n_cls:.4f}, verification 0.5.\n\n" + "\n".join(lines) + "\n")
     with open(args.out + ".md", "w") as f:
         f.write(md)

@@ -29,7 +29,7 @@ _LAZY = {
 
 
 def dali_status() -> tuple[bool, str | None]:
-    """(usable, why not): whether NVIDIA DALI can be imported here, without importing it."""
+    """(usable, why not): whether NVIDIA DALI imports here (without it the torch backend is used)."""
     if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
         return False, "nvidia-dali is not installed (pip install 'fastface[dali]'); the torch DataLoader backend is used"
     try:

@@ -13,6 +13,13 @@ Identity lives in both modalities: shape shows in depth and, through shading, in
 albedo only in RGB. Skin tone is drawn from a small palette and re-lit per sample, so no
 single colour statistic names an identity.
 
+Difficulty: ``SynthConfig`` holds every knob (pose ranges, expression, lighting, noise,
+occlusion rate, translation/scale jitter) and ``difficulty`` scales all nuisances at once;
+``id_scale`` spreads identities further apart (easier). Presets: ``demo`` (300 identities x
+40, learnable by a small CNN in ~25k samples on a CPU: bench/results/probe_study.md),
+``small`` (2,000 x 30), ``full`` (10,000 x 50), ``tiny`` (tests). Depth is stored as in
+``fastface.data.codec`` (16-bit, 0 = no measurement, nearer is brighter).
+
 Everything is a pure function of (seed, split, identity, sample): training identities
 (split 0) and the two verification sets (splits 1 and 2) are different draws, so they are
 disjoint by construction.
@@ -20,13 +27,21 @@ disjoint by construction.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-from fastface.data.codec import DEPTH_SCALE, DEPTH_ZERO
+from fastface.data.codec import DEPTH_SCALE, DEPTH_ZERO, encode_depth, encode_rgb
+from fastface.data.recordio import FaceRecordWriter, write_property
+from fastface.data.verification import write_bin
 
 GENERATOR_VERSION = 2
 IMAGE_SIZE = 112
@@ -451,8 +466,6 @@ class SynthResult:
 
 
 def _encode(rgb: np.ndarray, depth: np.ndarray, quality: int) -> tuple[bytes, bytes]:
-    from fastface.data.codec import encode_depth, encode_rgb
-
     # PNG compression 1: depth maps compress nearly as well and encode several times faster.
     return encode_rgb(rgb, quality), encode_depth(depth, compression=1)
 
@@ -491,9 +504,6 @@ def _manifest_key(cfg: SynthConfig, folder: bool) -> dict:
 
 def cached(out_dir: str, cfg: SynthConfig, folder: bool = False) -> dict | None:
     """The manifest of ``out_dir`` if it holds exactly this set (same generator, args, seed)."""
-    import json
-    import os
-
     path = os.path.join(out_dir, MANIFEST)
     try:
         with open(path) as f:
@@ -518,16 +528,6 @@ def generate(cfg: SynthConfig, out_dir: str, workers: int = 2, folder: bool = Fa
     ``train/<identity>/<sample>.jpg`` + ``_depth.png``, and ``manifest.json`` written last.
     Output is byte-identical for any ``workers``.
     """
-    import json
-    import multiprocessing as mp
-    import os
-    import shutil
-    import tempfile
-    import time
-
-    from fastface.data.recordio import FaceRecordWriter, write_property
-    from fastface.data.verification import write_bin
-
     os.makedirs(out_dir, exist_ok=True)
     if not force:
         man = cached(out_dir, cfg, folder)
