@@ -52,8 +52,29 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if not dist.is_initialized():
             kw = {"device_id": dev} if dev.type == "cuda" else {}
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
+            timeout = datetime.timedelta(seconds=timeout_s)
+            store = _attempt_store(world, timeout)
+            if store is not None:
+                kw.update(store=store, rank=rank, world_size=world)
+            dist.init_process_group(backend, timeout=timeout, **kw)
     return DistInfo(rank, world, local, dev, backend)
+
+
+def _attempt_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """torchrun's shared agent store, namespaced by restart attempt (None: let env:// decide).
+
+    torchrun keeps one TCPStore server alive across worker restarts, and env:// does not
+    separate attempts, so restarted ranks can read a dead peer's gloo/NCCL address left by
+    the previous attempt and hang in init_process_group until the timeout (seen here with
+    torch 2.13, one rank restarting before the other). A per-attempt prefix keeps them
+    apart. Multi-node jobs whose nodes can disagree on the restart count should set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (then each attempt gets a fresh store).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"fastface/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def barrier() -> None:
