@@ -10,7 +10,9 @@ HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # The CPU wheel comes from PyTorch's CPU index where no local wheel is configured; set
 # TORCH_INDEX to pick another (e.g. https://download.pytorch.org/whl/cu130).
 TORCH_INDEX ?=
-EXTRAS ?= test
+comma := ,
+# DALI ships manylinux wheels for x86_64 and aarch64 only; elsewhere the torch loader is used.
+EXTRAS ?= $(if $(filter x86_64 aarch64,$(shell uname -m)),test$(comma)dali,test)
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/build/inductor-cache
 PYTEST_ARGS ?=

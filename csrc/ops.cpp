@@ -19,6 +19,26 @@ TORCH_LIBRARY(fastface, m) {
   m.def(
       "dwconv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, int stride, int padding, "
       "bool relu6) -> (Tensor, Tensor, Tensor)");
+  // A whole inverted-residual block with BN folded, for `groups` same-shaped branches at once
+  // (branch g owns channel slice g of x, of every weight and of the output):
+  //   h = relu6(conv1x1(x, w_expand) + b_expand)         (skipped when w_expand is None: t = 1)
+  //   h = relu6(depthwise_kxk(h, w_dw, stride, pad k/2) + b_dw)
+  //   y = conv1x1(h, w_proj) + b_proj  (+ x if residual)
+  // x: N x (G*Cin) x H x W; w_expand: (G*Ce) x Cin; w_dw: (G*Ce) x k x k; w_proj: (G*Cout) x Ce.
+  m.def(
+      "ir_block(Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, Tensor b_dw, Tensor w_proj, "
+      "Tensor b_proj, int stride, bool residual, int groups) -> Tensor");
+  // Training path of the depthwise stage: depthwise k x k conv (no bias, padding k/2) -> BatchNorm
+  // with batch statistics -> ReLU6 (or none), N x C x H x W (split branches concatenated along C
+  // run as one call). Returns y, the batch mean and 1/sqrt(biased var + eps) of the conv output;
+  // the running statistics are updated by the caller. The conv output is never stored: kernels
+  // compute the statistics in one pass and normalise in a second, recomputing the conv.
+  m.def("dwconv_bn_act(Tensor x, Tensor weight, Tensor gamma, Tensor beta, int stride, float eps, bool relu6) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Gradients of dwconv_bn_act w.r.t. (x, weight, gamma, beta), recomputing the conv from x.
+  m.def(
+      "dwconv_bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor gamma, Tensor beta, Tensor mean, "
+      "Tensor invstd, int stride, bool relu6) -> (Tensor, Tensor, Tensor, Tensor)");
   // One step of the FastFace LR scheduler: updates the float64 scheduler state in place from
   // the batch loss and writes base_lrs * factor * warmup into lrs, all on the loss's device.
   m.def(

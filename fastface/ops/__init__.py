@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from fastface.ops.dispatch import BACKENDS, BackendUnavailable, FusedOp, forced_backend, use_backend
 from fastface.ops.dwconv import dwconv2d, dwconv2d_reference
+from fastface.ops.ir_block import ir_block, ir_block_reference
 from fastface.ops.sched import SchedParams, sched_step, sched_step_reference
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "FusedOp", "forced_backend", "use_backend",
     "dwconv2d", "dwconv2d_reference",
+    "ir_block", "ir_block_reference",
     "SchedParams", "sched_step", "sched_step_reference",
 ]
