@@ -7,12 +7,12 @@ import struct
 MAGIC = 0xCED7230A
 
 
-def tiny_set(tmp_path_factory, folder: bool = True) -> str:
+def tiny_set(tmp_path_factory, folder: bool = True, depth_format: str = "pgm") -> str:
     """The 'tiny' preset (8 ids x 6 + pairs), made once per session (generate() caches by manifest)."""
     from fastface.data import synth
 
-    out = str(tmp_path_factory.getbasetemp() / "synth-tiny-data")
-    synth.generate(synth.preset("tiny"), out, workers=1, folder=folder, progress=False)
+    out = str(tmp_path_factory.getbasetemp() / f"synth-tiny-data-{depth_format}")
+    synth.generate(synth.preset("tiny", depth_format=depth_format), out, workers=1, folder=folder, progress=False)
     return out
 
 

@@ -26,6 +26,12 @@ def tiny(tmp_path_factory):
     return tiny_set(tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def tiny_png(tmp_path_factory):
+    """The same set with its depth stored as PNG (the compact format, and that of older sets)."""
+    return tiny_set(tmp_path_factory, folder=False, depth_format="png")
+
+
 def _cfg(tiny, **kw):
     base = dict(path=os.path.join(tiny, "train.rec"), batch_size=7, num_workers=2, drop_last=False, seed=5, device="cpu")
     return DataConfig(**{**base, **kw})
@@ -47,9 +53,10 @@ def _expected(rec: str, channels: str) -> tuple[dict[int, torch.Tensor], dict[in
     return imgs, labels
 
 
+@pytest.mark.parametrize("fmt", ["pgm", "png"])
 @pytest.mark.parametrize("channels", ["rgbd", "rgb", "depth"])
-def test_dali_mxnet_reader_reads_our_files(tiny, channels):
-    rec = os.path.join(tiny, "train.rec")
+def test_dali_mxnet_reader_reads_our_files(tiny, tiny_png, channels, fmt):
+    rec = os.path.join(tiny if fmt == "pgm" else tiny_png, "train.rec")
     expect, labels = _expected(rec, channels)
     pipe = mxnet_reader_pipeline(rec, batch_size=16, num_threads=2, channels=channels)
     got = []
@@ -111,19 +118,52 @@ def test_dali_reads_multipart_records(tmp_path):
     assert np.array_equal(x[0], ours) and np.array_equal(x[1], ours)
 
 
+@pytest.mark.parametrize("fmt", ["pgm", "png"])
 @pytest.mark.parametrize("channels", ["rgbd", "rgb", "depth"])
-def test_backends_equal_without_augmentation(tiny, channels):
-    a = TorchLoader(_cfg(tiny, backend="torch", augment=False, channels=channels))
-    b = DaliLoader(_cfg(tiny, backend="dali", augment=False, channels=channels))
+def test_backends_equal_without_augmentation(tiny, tiny_png, channels, fmt):
+    path = os.path.join(tiny if fmt == "pgm" else tiny_png, "train.rec")
+    a = TorchLoader(_cfg(tiny, path=path, backend="torch", augment=False, channels=channels))
+    b = DaliLoader(_cfg(tiny, path=path, backend="dali", augment=False, channels=channels))
+    assert not b.resize, "a 112x112 set needs no resize"
     for e in (0, 1):
         a.set_epoch(e)
         b.set_epoch(e)
         ba, bb = list(a), list(b)
         assert len(ba) == len(bb) == len(a) == 7
+        # Every batch is checked after the epoch: DALI's later batches must not reuse the
+        # memory of those handed out before (they come out of DALI without a copy).
         for (xa, ya), (xb, yb) in zip(ba, bb):
             assert torch.equal(ya, yb)
             assert torch.equal(xa, xb)
     a.close()
+
+
+def test_other_sizes_are_resized_when_met(tmp_path):
+    """The first image is 112x112 (no resize built); a 128x128 one later makes the loader add one."""
+    import cv2
+
+    rng = np.random.default_rng(4)
+    root = tmp_path / "f"
+    for person, size in (("a", 112), ("b", 128)):
+        (root / person).mkdir(parents=True)
+        for n in range(3):
+            # Smooth images: OpenCV and DALI resample alike on those (noise would alias).
+            rgb = cv2.resize(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), (size, size), interpolation=cv2.INTER_CUBIC)
+            depth = cv2.resize(rng.integers(0, 65536, (6, 6), dtype=np.uint16), (size, size), interpolation=cv2.INTER_CUBIC)
+            (root / person / f"{n}.jpg").write_bytes(encode_rgb(rgb))
+            (root / person / f"{n}_depth.pgm").write_bytes(encode_depth(depth, fmt="pgm"))
+    cfg = DataConfig(path=str(root), batch_size=2, num_workers=2, augment=False, shuffle=False, drop_last=False, device="cpu")
+    t = list(TorchLoader(DataConfig(**{**cfg.__dict__, "backend": "torch", "num_workers": 0})))
+    d = DaliLoader(DataConfig(**{**cfg.__dict__, "backend": "dali"}))
+    assert not d.resize
+    got = list(d)
+    assert d.resize, "meeting a 128x128 image must switch the resize on"
+    assert [len(y) for _, y in got] == [2, 2, 2]
+    for (xa, ya), (xb, yb) in zip(t, got):
+        assert torch.equal(ya, yb) and xb.shape == xa.shape == (2, 4, 112, 112)
+        # 112x112 images are identical; resampling differs a little between OpenCV and DALI.
+        assert (xa - xb).abs().mean() < 0.02
+    assert torch.equal(t[0][0], got[0][0])
 
 
 def test_backends_share_augmentation(tiny):
@@ -215,3 +255,73 @@ def test_rgbd_foreign_depth_8bit(tmp_path):
                                drop_last=False, device="cpu"))
     y, _ = next(iter(dl))
     assert torch.equal(x, y)
+
+
+def test_batch_skipped_whole_is_handed_out_empty(tiny, tmp_path):
+    """Batch 1 holds only bad records (one undecodable, one with a broken frame): both backends give it empty."""
+    rec = str(tmp_path / "train.rec")
+    shutil.copy(os.path.join(tiny, "train.rec"), rec)
+    shutil.copy(os.path.join(tiny, "train.idx"), str(tmp_path / "train.idx"))
+    break_jpeg(rec, 3)
+    with RecordReader(rec) as r:
+        off = r.offset(4)
+    with open(rec, "r+b") as f:
+        f.seek(off)
+        f.write(b"\0\0\0\0")
+    cfg = _cfg(tiny, path=rec, augment=False, shuffle=False, batch_size=2, skip_corrupt=True)
+    t = TorchLoader(DataConfig(**{**cfg.__dict__, "backend": "torch", "num_workers": 0}))
+    d = DaliLoader(DataConfig(**{**cfg.__dict__, "backend": "dali"}))
+    a, b = list(t), list(d)
+    assert [len(y) for _, y in b] == [len(y) for _, y in a] == [2, 0] + [2] * 22
+    assert b[1][0].shape == (0, 4, 112, 112)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert sorted(d.skipped) == sorted(t.skipped) == [f"{rec} record 3", f"{rec} record 4"]
+    # Resuming right after the empty batch starts at batch 2.
+    d2 = DaliLoader(DataConfig(**{**cfg.__dict__, "backend": "dali"}))
+    it = iter(d2)
+    next(it), next(it)
+    state = d2.state_dict()
+    assert state["batch"] == 2
+    d3 = DaliLoader(DataConfig(**{**cfg.__dict__, "backend": "dali"}))
+    d3.load_state_dict(state)
+    rest = list(d3)
+    assert len(rest) == 22 and torch.equal(rest[0][0], b[2][0])
+
+
+def test_auto_backend_is_dali_where_installed(tiny):
+    from fastface.data import dali_status
+    from fastface.data.loader import make_loader
+
+    assert dali_status() == (True, None)
+    ld = make_loader(_cfg(tiny, backend="auto", augment=False))
+    assert isinstance(ld, DaliLoader) and ld.backend == "dali"
+
+
+def test_pipeline_reuse_across_epochs_and_after_abandoning(tiny):
+    """Epochs after a finished one reuse the pipeline; one left mid-epoch is not reused (it holds prefetched batches)."""
+    cfg = _cfg(tiny, backend="dali", **AUG)
+    ref = {}
+    for e in (0, 1, 2):
+        fresh = DaliLoader(cfg)
+        fresh.set_epoch(e)
+        ref[e] = list(fresh)
+    ld = DaliLoader(cfg)
+    ld.set_epoch(0)
+    got0 = list(ld)
+    kept = ld._idle
+    assert kept is not None
+    ld.set_epoch(1)
+    it = iter(ld)
+    first = next(it)
+    assert ld._idle is None, "the running epoch owns the pipeline"
+    del it  # abandoned with batches in flight
+    assert ld._idle is None
+    ld.set_epoch(2)
+    got2 = list(ld)
+    for got, e in ((got0, 0), ([first], 1), (got2, 2)):
+        for (a, la), (b, lb) in zip(got, ref[e]):
+            assert torch.equal(a, b) and torch.equal(la, lb)
+    ld.set_epoch(0)
+    again = list(ld)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(again, ref[0]))

@@ -156,10 +156,10 @@ def test_folder_equals_records(tiny):
 def test_folder_without_depth(tiny, tmp_path):
     root = tmp_path / "f"
     shutil.copytree(os.path.join(tiny, "train"), root)
-    os.unlink(root / "000003" / "0002_depth.png")
+    os.unlink(root / "000003" / "0002_depth.pgm")
     ld = make_loader(_cfg(tiny, path=str(root), augment=False))
     assert ld.channels == "rgb"
-    with pytest.raises(DataError, match=r"1 of 48 images have no _depth.png \(first: .*000003/0002.jpg\)"):
+    with pytest.raises(DataError, match=r"1 of 48 images have no _depth.png/.pgm \(first: .*000003/0002.jpg\)"):
         make_loader(_cfg(tiny, path=str(root), channels="rgbd"))
 
 
@@ -209,3 +209,32 @@ def test_index_past_end_raises_or_drops(tiny, tmp_path):
         make_loader(cfg)
     ld = make_loader(DataConfig(**{**cfg.__dict__, "skip_corrupt": True}))
     assert ld.num_samples == 47 and ld.skipped == [f"{rec} record 5"]
+
+
+def test_auto_backend_falls_back_to_torch_without_dali(tiny):
+    """With nvidia.dali unimportable, 'auto' gives the torch loader and fastface.info says why."""
+    code = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "nvidia.dali" or name.startswith("nvidia.dali."):
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Block())
+from fastface import info
+from fastface.data import dali_status
+from fastface.data.loader import DataConfig, TorchLoader, make_loader
+ok, why = dali_status()
+assert not ok and "blocked for the test" in why and "torch DataLoader backend is used" in why, why
+st = info.runtime_backends()["dali"]
+assert not st["usable"] and st["why_not"] == why, st
+ld = make_loader(DataConfig(path={os.path.join(tiny, "train.rec")!r}, batch_size=4, num_workers=0))
+assert isinstance(ld, TorchLoader), type(ld)
+x, y = next(iter(ld))
+assert x.shape == (4, 4, 112, 112)
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr

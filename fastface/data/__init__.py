@@ -18,6 +18,7 @@ _LAZY = {
     "RecordIOError": "fastface.data.recordio",
     "FaceRecordWriter": "fastface.data.recordio",
     "IRHeader": "fastface.data.recordio",
+    "convert_depth": "fastface.data.recordio",
     "read_bin": "fastface.data.verification",
     "write_bin": "fastface.data.verification",
     "load_pairs": "fastface.data.verification",
@@ -30,9 +31,9 @@ _LAZY = {
 
 def dali_status() -> tuple[bool, str | None]:
     """(usable, why not): whether NVIDIA DALI imports here (without it the torch backend is used)."""
-    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
-        return False, "nvidia-dali is not installed (pip install 'fastface[dali]'); the torch DataLoader backend is used"
     try:
+        if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
+            return False, "nvidia-dali is not installed (pip install 'fastface[dali]'); the torch DataLoader backend is used"
         importlib.import_module("nvidia.dali")
     except Exception as e:  # a broken install must not take fastface.info down with it
         return False, f"nvidia.dali fails to import ({type(e).__name__}: {e}); the torch DataLoader backend is used"

@@ -1,9 +1,20 @@
-"""Image codecs of fastface data sets: RGB JPEG, 16-bit depth PNG, and the RGB-D payload.
+"""Image codecs of fastface data sets: RGB JPEG, 16-bit depth (PNG or PGM), and the RGB-D payload.
 
 An RGB-D sample travels as one byte string: the RGB JPEG (or PNG) followed directly by the
-depth map as a 16-bit grayscale PNG (``JPEG ‖ PNG``). JPEG decoders stop at the end-of-image marker,
-so tools that know nothing of depth (insightface, mxnet, DALI) still decode the RGB part;
-``split_rgbd`` finds the boundary by walking the JPEG marker segments, never by guessing.
+depth map (``JPEG ‖ depth``), where the depth map is a 16-bit grayscale image in one of two
+standard formats:
+
+- ``pgm`` (the default of ``fastface data synth``): binary PGM, ``P5`` with maxval 65535,
+  big-endian samples. Uncompressed: about 1.5x the bytes of the PNG, but it decodes 8-20x
+  faster (OpenCV ~7 µs, DALI ~30 µs per 112x112 map instead of ~190-250 µs), and depth
+  decoding is otherwise the largest single cost of a CPU data pipeline.
+- ``png``: 16-bit grayscale PNG, the compact choice (and what image folders and older sets
+  hold).
+
+Readers accept either, per sample, with no flag: both decoders (OpenCV and DALI's) sniff
+the format. JPEG decoders stop at the end-of-image marker, so tools that know nothing of
+depth (insightface, mxnet, DALI) still decode the RGB part; ``split_rgbd`` finds the
+boundary by walking the JPEG marker segments, never by guessing.
 
 Depth values (uint16): 0 means "no measurement" (background, sensor hole); a measured point
 stores ``32768 + z * DEPTH_SCALE`` with z the distance towards the camera from the head
@@ -16,7 +27,10 @@ import cv2
 import numpy as np
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_IEND = b"IEND\xaeB`\x82"  # the last 8 bytes of every complete PNG
+PGM_MAGIC = b"P5"
 JPEG_SOI = b"\xff\xd8"
+DEPTH_FORMATS = ("pgm", "png")
 # One face unit is about 9.6 cm (a synthetic head is about 1.6 units wide): 1 step ~ 4.8 µm,
 # and a face (|z| < 1.6 units) uses most of the 16-bit range.
 DEPTH_SCALE = 20000.0
@@ -47,11 +61,51 @@ def encode_png(img: np.ndarray, compression: int = 3) -> bytes:
     return buf.tobytes()
 
 
-def encode_depth(depth: np.ndarray, compression: int = 3) -> bytes:
-    """Encode an HxW uint16 depth map as a 16-bit grayscale PNG."""
+def encode_pgm(depth: np.ndarray) -> bytes:
+    """Encode an HxW uint16 map as a binary PGM (P5, maxval 65535, big-endian samples)."""
+    if depth.dtype != np.uint16 or depth.ndim != 2:
+        raise ValueError(f"encode_pgm wants an HxW uint16 array, got {depth.dtype} {depth.shape}")
+    h, w = depth.shape
+    return b"P5\n%d %d\n65535\n" % (w, h) + depth.astype(">u2").tobytes()
+
+
+def encode_depth(depth: np.ndarray, compression: int = 3, fmt: str = "png") -> bytes:
+    """Encode an HxW uint16 depth map as a 16-bit PNG (``compression`` 0-9) or PGM (``fmt``)."""
     if depth.dtype != np.uint16 or depth.ndim != 2:
         raise ValueError(f"encode_depth wants an HxW uint16 array, got {depth.dtype} {depth.shape}")
+    if fmt == "pgm":
+        return encode_pgm(depth)
+    if fmt != "png":
+        raise ValueError(f"depth format must be one of {DEPTH_FORMATS}, got {fmt!r}")
     return encode_png(depth, compression)
+
+
+def pgm_header(buf: bytes | memoryview) -> tuple[int, int, int, int]:
+    """(width, height, maxval, offset of the samples) of a binary PGM; DecodeError if malformed."""
+    head = bytes(buf[:512])
+    if head[:2] != PGM_MAGIC:
+        raise DecodeError("not a binary PGM (no P5 magic)")
+    i, vals = 2, []
+    while len(vals) < 3:
+        # Netpbm: fields separated by whitespace, '#' comments to the end of the line.
+        while i < len(head) and head[i : i + 1] in b" \t\r\n#":
+            if head[i : i + 1] == b"#":
+                j = head.find(b"\n", i)
+                i = len(head) if j < 0 else j
+            i += 1
+        j = i
+        while j < len(head) and head[j : j + 1].isdigit():
+            j += 1
+        if j == i or j >= len(head):
+            raise DecodeError("malformed PGM header")
+        vals.append(int(head[i:j]))
+        i = j
+    if head[i : i + 1] not in (b" ", b"\t", b"\r", b"\n"):
+        raise DecodeError("malformed PGM header")
+    w, h, maxval = vals
+    if w < 1 or h < 1 or not 0 < maxval < 65536:
+        raise DecodeError(f"PGM header out of range ({w}x{h}, maxval {maxval})")
+    return w, h, maxval, i + 1
 
 
 def _as_array(buf: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
@@ -70,7 +124,7 @@ def decode_rgb(buf: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
 
 
 def decode_depth(buf: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
-    """Decode a depth PNG to an HxW uint16 array (8-bit depth is scaled to 16 bits)."""
+    """Decode a depth PNG or PGM to an HxW uint16 array (8-bit depth is scaled to 16 bits)."""
     arr = _as_array(buf)
     img = cv2.imdecode(arr, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_GRAYSCALE) if arr.size else None
     if img is None:
@@ -139,7 +193,7 @@ def png_end(buf: bytes | memoryview) -> int:
 
 
 def check_complete(buf: bytes | memoryview) -> None:
-    """Raise DecodeError for an empty or visibly truncated JPEG/PNG (decoders grey-fill those silently)."""
+    """Raise DecodeError for an empty or visibly truncated JPEG/PNG/PGM (decoders grey-fill those silently)."""
     n = len(buf)
     if n == 0:
         raise DecodeError("empty image payload")
@@ -149,17 +203,25 @@ def check_complete(buf: bytes | memoryview) -> None:
         if tail != b"\xff\xd9":
             jpeg_end(bytes(buf))  # tolerates bytes after EOI, raises when there is no EOI
     elif head == PNG_SIGNATURE:
-        if bytes(buf[-8:]) != b"IEND\xaeB`\x82":
+        if bytes(buf[-8:]) != PNG_IEND:
             raise DecodeError("truncated PNG (no IEND chunk at the end)")
+    elif head[:2] == PGM_MAGIC:
+        w, h, maxval, start = pgm_header(buf)
+        if maxval not in (255, 65535):
+            # Decoders disagree on other ranges (OpenCV keeps the raw values, DALI rescales).
+            raise DecodeError(f"PGM maxval {maxval}: depth PGMs must use 255 or 65535")
+        need = start + w * h * (2 if maxval > 255 else 1)
+        if n < need:
+            raise DecodeError(f"truncated PGM ({n} bytes, its header needs {need})")
 
 
-def pack_rgbd(rgb_jpeg: bytes, depth_png: bytes) -> bytes:
-    """Join an RGB JPEG and a depth PNG into one RGB-D payload."""
-    return rgb_jpeg + depth_png
+def pack_rgbd(rgb_jpeg: bytes, depth: bytes) -> bytes:
+    """Join an RGB JPEG and a depth PNG/PGM into one RGB-D payload."""
+    return rgb_jpeg + depth
 
 
 def split_rgbd(payload: bytes | memoryview, rgb_len: int | None = None) -> tuple[bytes, bytes | None]:
-    """Split a payload into (rgb bytes, depth PNG bytes or None).
+    """Split a payload into (rgb bytes, depth PNG/PGM bytes or None).
 
     ``rgb_len`` (from the record header) skips the walk over the RGB image's markers (JPEG)
     or chunks (PNG); a payload with nothing after its image is RGB only.
@@ -177,11 +239,11 @@ def split_rgbd(payload: bytes | memoryview, rgb_len: int | None = None) -> tuple
     rest = data[rgb_len:]
     if not rest:
         return data, None
-    if rest[:8] != PNG_SIGNATURE:
-        # Some encoders leave padding after EOI; only a PNG there is depth.
+    if rest[:8] != PNG_SIGNATURE and rest[:2] != PGM_MAGIC:
+        # Some encoders leave padding after EOI; only a PNG or PGM there is depth.
         if rest.strip(b"\x00") == b"":
             return data[:rgb_len], None
-        raise DecodeError("bytes after the RGB image are not a depth PNG")
+        raise DecodeError("bytes after the RGB image are not a depth PNG or PGM")
     return data[:rgb_len], rest
 
 

@@ -7,6 +7,16 @@ GPU (``mixed`` nvJPEG decode, GPU ops) where one exists, or in a CPU-only pipeli
 (``device_id=None``) where none does. With augmentation off it returns bit-identical
 tensors to the torch backend.
 
+Where the CPU time goes, and what keeps it low (profile: bench/results/data_backends.json
+and the data section of the README): the Python side does no per-sample work (the batch's
+records are checked with numpy and passed as views of the mapped file, parameters are
+drawn for the whole batch, labels never enter DALI); decoding is libjpeg-turbo for RGB and,
+for the default PGM depth, a plain byte copy; one ``crop_mirror_normalize`` per modality
+does flip + normalise + HWC→CHW + cast; no resize is built for images already at the
+output size; RGB is written padded to 4 channels and depth copied into the padding instead
+of a float concatenation; and the output leaves DALI without a copy (DLPack, dynamic
+executor).
+
 ``mxnet_reader_pipeline`` uses ``fn.readers.mxnet`` directly (DALI's C++ reader: its own
 sharding and buffer shuffle, so no exact replay on resume); it reads fastface's RecordIO
 sets as well as insightface's, depth included.
@@ -50,91 +60,129 @@ def dali_device(device: str = "auto") -> int | None:
     return None
 
 
-def _augment_graph(rgb, depth, args: dict, aug: augment.AugSettings, size: int, gpu: bool):
-    """The DALI ops after decoding: brightness/contrast, crop-resize, flip + normalise, noise."""
-    parts = []
+def _augment_graph(rgb, depth, args: dict, aug: augment.AugSettings, size: int, gpu: bool, resize: bool = True, join: bool = True):
+    """The DALI ops after decoding: brightness/contrast, crop-resize, flip + normalise, noise.
+
+    Returns the (C, S, S) float image node, or with ``join=False`` and both modalities, the
+    pair (RGB padded to 4 channels with a zero depth channel, depth (1, S, S)) for the caller
+    to fill channel 3 in place: a float concatenation in DALI costs ~40 µs per RGB-D sample
+    on a CPU, copying depth into the padding ~8 µs. ``resize=False`` leaves images at their
+    decoded size when no crop is drawn: DALI's CPU resize costs ~250 µs per 112x112 RGB-D
+    sample even when it changes nothing.
+    """
+    crop = aug.crop_scale > 0
     if rgb is not None:
         if aug.brightness > 0 or aug.contrast > 0:
             rgb = fn.brightness_contrast(rgb, brightness=args["brightness"], contrast=args["contrast"], contrast_center=128.0)
-        if aug.crop_scale > 0:
+        if crop:
             rgb = fn.resize(rgb, roi_start=args["roi_start"], roi_end=args["roi_end"], roi_relative=True, size=[size, size],
                             interp_type=types.INTERP_LINEAR, antialias=False)
-        else:
+        elif resize:
             rgb = fn.resize(rgb, size=[size, size], interp_type=types.INTERP_LINEAR)
-        parts.append(fn.crop_mirror_normalize(rgb, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3,
-                                              mirror=args["flip"]))
+        # One fused op: flip, (x - 127.5) * (1 / 127.5), HWC -> CHW, uint8 -> float.
+        rgb = fn.crop_mirror_normalize(rgb, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3,
+                                       mirror=args["flip"], pad_output=depth is not None and not join)
     if depth is not None:
-        if aug.crop_scale > 0:
+        if crop:
             depth = fn.resize(depth, roi_start=args["roi_start"], roi_end=args["roi_end"], roi_relative=True, size=[size, size],
                               interp_type=types.INTERP_NN)
-        else:
+        elif resize:
             depth = fn.resize(depth, size=[size, size], interp_type=types.INTERP_NN)
-        d = fn.crop_mirror_normalize(depth, dtype=types.FLOAT, output_layout="CHW", mean=[32767.5], std=[32767.5], mirror=args["flip"])
-        if aug.depth_noise > 0:
-            noise = args["noise"].gpu() if gpu else args["noise"]
-            d = d + noise
-        parts.append(d)
-    return fn.cat(*parts, axis=0) if len(parts) > 1 else parts[0]
+        depth = fn.crop_mirror_normalize(depth, dtype=types.FLOAT, output_layout="CHW", mean=[32767.5], std=[32767.5],
+                                         mirror=args["flip"])
+        if "noise" in args:
+            depth = depth + (args["noise"].gpu() if gpu else args["noise"])
+    if rgb is None or depth is None:
+        return rgb if depth is None else depth
+    return fn.cat(rgb, depth, axis=0) if join else (rgb, depth)
 
 
 class _Feeder:
-    """DALI's external source: each call returns the next batch's bytes, labels and parameters."""
+    """DALI's external source: each call hands over the next batch's encoded bytes and parameters.
+
+    No per-sample Python on the common path: the source reads the whole batch as views of
+    the mapped file (``read_many``) and the augmentation parameters are drawn for the whole
+    batch at once. Labels and skipped names do not go through DALI: they wait in ``pending``,
+    in batch order, for the batch DALI returns.
+    """
 
     def __init__(self, loader: DaliLoader, epoch: int, start: int):
-        self.ld, self.epoch = loader, epoch
-        self.batches = loader.order.batches(epoch, start)
+        self.ld = loader
+        self.pending: collections.deque[tuple[torch.Tensor, list[str]]] = collections.deque()
+        self.start(epoch, start)
+
+    def start(self, epoch: int, start: int) -> None:
+        """Feed batches ``start``.. of ``epoch`` from the next call on."""
+        self.epoch = epoch
+        self.batches = self.ld.order.batches(epoch, start)
         self.k = 0
-        self.skipped: collections.deque[list[str]] = collections.deque()
+        self.pending.clear()
         self.error: BaseException | None = None
 
     def __call__(self):
-        if self.k >= len(self.batches):
-            raise StopIteration
-        idx = self.batches[self.k]
-        self.k += 1
-        ld = self.ld
-        p = augment.draw(ld.aug, ld.cfg.seed, self.epoch, idx)
-        want_rgb, want_depth = ld.channels != "depth", "d" in ld.channels
-        cols: dict[str, list] = {n: [] for n in ld.arg_names}
-        skipped: list[str] = []
-        for j, i in enumerate(idx):
-            i = int(i)
-            if i in ld.bad:
-                skipped.append(ld.source.name(i))
-                continue
-            try:
-                label, rgb, depth = ld.source.read(i)
-                if want_depth and depth is None:
-                    path, rec = ld.source.locate(i)
-                    raise DataError(path, "sample has no depth", rec)
-            except DataError as e:
+        while True:
+            if self.k >= len(self.batches):
+                raise StopIteration
+            idx = self.batches[self.k]
+            self.k += 1
+            ld = self.ld
+            pos = np.arange(len(idx))
+            skipped: list[str] = []
+            if ld.bad:
+                known = np.isin(idx, np.fromiter(ld.bad, np.int64, len(ld.bad)))
+                skipped = [ld.source.name(int(i)) for i in idx[known]]
+                pos = pos[~known]
+            got = ld.source.read_many(idx[pos], rgb=ld.channels != "depth", depth="d" in ld.channels)
+            if got.errors:
                 if not ld.cfg.skip_corrupt:
-                    self.error = e
-                    raise
-                ld.bad.add(i)
-                skipped.append(ld.source.name(i))
-                continue
-            if want_rgb:
-                cols["rgb"].append(np.frombuffer(rgb, np.uint8))
-            if want_depth:
-                cols["depth"].append(np.frombuffer(depth, np.uint8))
-            cols["label"].append(np.array([label], np.int64))
-            cols["flip"].append(np.array(p.flip[j], np.int32))
-            if "roi_start" in cols:
-                cols["roi_start"].append(p.roi[j, :2].copy())
-                cols["roi_end"].append(p.roi[j, 2:].copy())
-            if "brightness" in cols:
-                cols["brightness"].append(np.array(p.brightness[j], np.float32))
-                cols["contrast"].append(np.array(p.contrast[j], np.float32))
-            if "noise" in cols:
-                field = augment.noise_field(p.noise_key[j], ld.cfg.image_size) * p.noise_sigma[j]
-                cols["noise"].append(field)
-        self.skipped.append(skipped)
-        return tuple(cols[n] for n in ld.arg_names)
+                    self.error = got.errors[0][1]
+                    raise self.error
+                for j, _ in got.errors:
+                    i = int(idx[pos[j]])
+                    ld.bad.add(i)
+                    skipped.append(ld.source.name(i))
+            pos = pos[got.kept]
+            if len(pos):
+                break
+            # DALI takes no empty batch: this one is handed out as empty without DALI.
+            self.pending.append((torch.zeros(0, dtype=torch.int64), skipped))
+        p = augment.draw(ld.aug, ld.cfg.seed, self.epoch, idx[pos])
+        self.pending.append((torch.from_numpy(got.labels), skipped))
+        out: dict[str, object] = {"rgb": got.rgb, "depth": got.depth, "flip": p.flip}
+        if "roi_start" in ld.arg_names:
+            out["roi_start"], out["roi_end"] = np.ascontiguousarray(p.roi[:, :2]), np.ascontiguousarray(p.roi[:, 2:])
+        if "brightness" in ld.arg_names:
+            out["brightness"], out["contrast"] = p.brightness, p.contrast
+        if "noise" in ld.arg_names:
+            s = ld.cfg.image_size
+            noise = np.empty((len(pos), 1, s, s), np.float32)
+            for j in range(len(pos)):
+                noise[j] = augment.noise_field(p.noise_key[j], s) * p.noise_sigma[j]
+            out["noise"] = noise
+        return tuple(out[n] for n in ld.arg_names)
+
+
+def _native_size(source: RecordSource | FolderSource, channels: str, size: int) -> bool:
+    """Whether the set's first sample already has the output size (then no resize is built)."""
+    try:
+        _, rgb, depth = source.read(0)
+        if channels != "depth" and decode_rgb(rgb).shape[:2] != (size, size):
+            return False
+        if "d" in channels and (depth is None or decode_depth(depth).shape != (size, size)):
+            return False
+    except (DataError, DecodeError):
+        return False
+    return True
 
 
 class DaliLoader(FaceLoader):
-    """DALI backend of ``make_loader``: DALI decodes and augments what our sampler picks."""
+    """DALI backend of ``make_loader``: DALI decodes and augments what our sampler picks.
+
+    Images come out of DALI without a copy (DLPack; the dynamic executor hands over
+    ownership). A set whose first image has the output size is read without a resize; a
+    batch that then comes out another size makes the loader rebuild with one and redo it.
+    A pipeline that ran to the end of its epoch serves the next epoch too.
+    """
 
     backend = "dali"
 
@@ -147,7 +195,7 @@ class DaliLoader(FaceLoader):
             names.append("rgb")
         if "d" in self.channels:
             names.append("depth")
-        names += ["label", "flip"]
+        names.append("flip")
         if self.aug.crop_scale > 0:
             names += ["roi_start", "roi_end"]
         if self.aug.brightness > 0 or self.aug.contrast > 0:
@@ -155,43 +203,72 @@ class DaliLoader(FaceLoader):
         if self.aug.depth_noise > 0 and "d" in self.channels:
             names.append("noise")
         self.arg_names = names
+        self.resize = not _native_size(self.source, self.channels, cfg.image_size)
+        # A pipeline whose epoch ran to its end, kept for the next one (no rebuild, no refill
+        # from empty): (pipeline, its feeder, whether it resizes).
+        self._idle: tuple[Pipeline, _Feeder, bool] | None = None
+
+    def _take_pipeline(self, epoch: int, start: int) -> tuple[Pipeline, _Feeder]:
+        """The idle pipeline restarted at batch ``start`` of ``epoch``, or a new one."""
+        idle, self._idle = self._idle, None
+        if idle is not None and idle[2] == self.resize:
+            pipe, feeder, _ = idle
+            feeder.start(epoch, start)
+            pipe.reset()
+            return pipe, feeder
+        del idle
+        feeder = _Feeder(self, epoch, start)
+        return self._pipeline(feeder), feeder
 
     def _pipeline(self, feeder: _Feeder) -> Pipeline:
         cfg = self.cfg
         gpu = self.device_id is not None
+        # As many batches in flight as the torch backend keeps (prefetch per worker): the slack
+        # that lets the pipeline ride out moments when the feeding thread does not get a CPU.
+        queue = max(1, cfg.prefetch) * max(1, cfg.num_workers)
         pipe = Pipeline(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers), device_id=self.device_id,
-                        prefetch_queue_depth=max(1, cfg.prefetch), seed=cfg.seed)
+                        prefetch_queue_depth=queue, seed=cfg.seed, exec_dynamic=True)
         with pipe:
-            outs = fn.external_source(source=feeder, num_outputs=len(self.arg_names), batch=True)
+            outs = fn.external_source(source=feeder, num_outputs=len(self.arg_names), batch=True, parallel=False)
             args = dict(zip(self.arg_names, outs))
             dec = "mixed" if gpu else "cpu"
             rgb = fn.decoders.image(args["rgb"], device=dec, output_type=types.RGB) if "rgb" in args else None
             depth = fn.decoders.image(args["depth"], device=dec, output_type=types.ANY_DATA, dtype=types.UINT16) if "depth" in args else None
-            images = _augment_graph(rgb, depth, args, self.aug, cfg.image_size, gpu)
-            pipe.set_outputs(images, args["label"])
+            images = _augment_graph(rgb, depth, args, self.aug, cfg.image_size, gpu, self.resize, join=False)
+            pipe.set_outputs(*(images if isinstance(images, tuple) else (images,)))
         pipe.build()
         return pipe
 
-    def _to_torch(self, images, labels) -> Batch:
-        lab = torch.from_numpy(np.array(labels.as_tensor()).reshape(-1).astype(np.int64))
-        if len(lab) == 0:
-            c = self.in_channels
-            s = self.cfg.image_size
-            dev = torch.device("cuda", self.device_id) if self.device_id is not None else torch.device("cpu")
-            return torch.empty((0, c, s, s), dtype=torch.float32, device=dev), lab.to(dev)
-        if self.device_id is None:
-            return torch.from_numpy(np.array(images.as_tensor())), lab
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        t = images.as_tensor()
-        out = torch.empty(t.shape(), dtype=torch.float32, device=torch.device("cuda", self.device_id))
-        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device_id))
-        return out, lab.to(out.device, non_blocking=True)
+    def _to_torch(self, outputs: tuple, labels: torch.Tensor) -> Batch | None:
+        """The batch as torch tensors (no copy of the images), or None when they are not (n, C, S, S)."""
+        c, s = self.in_channels, self.cfg.image_size
+        dev = torch.device("cuda", self.device_id) if self.device_id is not None else torch.device("cpu")
+        if len(labels) == 0:
+            return torch.empty((0, c, s, s), dtype=torch.float32, device=dev), labels.to(dev)
+        try:
+            ts = [o.as_tensor() for o in outputs]
+        except RuntimeError:  # samples of different shapes: only possible without a resize
+            return None
+        # With the dynamic executor DALI hands its output buffers over: DLPack, no copy.
+        x = torch.from_dlpack(ts[0])
+        if tuple(x.shape) != (len(labels), c, s, s):
+            return None
+        if len(ts) == 2:
+            d = torch.from_dlpack(ts[1])
+            if tuple(d.shape) != (len(labels), 1, s, s):
+                return None
+            if x.is_cuda:
+                x[:, 3:].copy_(d)
+            else:
+                # numpy's copy: torch's would wake its OpenMP pool, whose spinning threads
+                # take the CPU from DALI's workers.
+                x.numpy()[:, 3:] = d.numpy()
+        return x, labels.to(dev, non_blocking=True)
 
     def _find_undecodable(self, epoch: int, k: int) -> list[int]:
         """Samples of batch k (and the prefetched ones after it) that OpenCV cannot decode either."""
         found = []
-        for b in self.order.batches(epoch, k)[: max(1, self.cfg.prefetch) + 1]:
+        for b in self.order.batches(epoch, k)[: max(1, self.cfg.prefetch) * max(1, self.cfg.num_workers) + 1]:
             for i in b:
                 i = int(i)
                 if i in self.bad:
@@ -211,18 +288,27 @@ class DaliLoader(FaceLoader):
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
         k = start
         while k < len(self.order):
-            feeder = _Feeder(self, epoch, k)
-            pipe = self._pipeline(feeder)
+            pipe, feeder = self._take_pipeline(epoch, k)
+            finished = False
             try:
                 while True:
                     try:
-                        images, labels = pipe.run()
+                        outputs = pipe.run()
                     except StopIteration:
+                        while feeder.pending:  # batches at the end of the epoch that were skipped whole
+                            labels, skipped = feeder.pending.popleft()
+                            self._note_skipped(skipped)
+                            k += 1
+                            yield self._to_torch((), labels)
+                        finished = True
                         return
                     except Exception as e:
                         if feeder.error is not None:
                             raise feeder.error from None
                         culprits = self._find_undecodable(epoch, k)
+                        if not culprits and not self.resize:
+                            self.resize = True  # e.g. RGB and depth of different sizes: retry with a resize
+                            break
                         if not culprits:
                             raise DataError(self.source.path, f"DALI failed on batch {k} of epoch {epoch}: {e}") from e
                         if not self.cfg.skip_corrupt:
@@ -230,13 +316,31 @@ class DaliLoader(FaceLoader):
                             raise DataError(path, f"undecodable image (DALI: {str(e).splitlines()[-1] if str(e) else e})", rec) from None
                         self.bad.update(culprits)
                         break  # rebuild the pipeline from batch k without them
-                    skipped = feeder.skipped.popleft()
+                    labels, skipped = feeder.pending.popleft()
+                    while len(labels) == 0:  # skipped whole: not in DALI's output
+                        self._note_skipped(skipped)
+                        k += 1
+                        yield self._to_torch((), labels)
+                        labels, skipped = feeder.pending.popleft()
+                    batch = self._to_torch(outputs, labels)
+                    if batch is None:
+                        if self.resize:
+                            raise DataError(self.source.path, f"DALI returned batch {k} of epoch {epoch} in an unexpected shape")
+                        self.resize = True  # images of other sizes: rebuild with a resize, redo batch k
+                        break
                     if skipped:
                         self._note_skipped(skipped)
                     k += 1
-                    yield self._to_torch(images, labels)
+                    yield batch
             finally:
+                # Only a pipeline that ran dry is clean; one left mid-epoch holds prefetched batches.
+                if finished:
+                    self._idle = (pipe, feeder, self.resize)
                 del pipe
+
+    def close(self) -> None:
+        """Release the idle pipeline (its threads and buffers)."""
+        self._idle = None
 
 
 # ------------------------------------------------------------------ DALI's own RecordIO reader
@@ -272,15 +376,22 @@ def image_index(rec_path: str, idx_path: str | None = None) -> str:
 def mxnet_reader_pipeline(rec_path: str, idx_path: str | None = None, batch_size: int = 128, num_threads: int = 2,
                           device_id: int | None = None, channels: str = "rgb", shard_id: int = 0, num_shards: int = 1,
                           random_shuffle: bool = False, seed: int = 0, image_size: int = 112, flip: bool = False,
-                          initial_fill: int = 1024) -> Pipeline:
+                          initial_fill: int = 1024, resize: bool | None = None, prefetch: int = 2) -> Pipeline:
     """A DALI pipeline on ``fn.readers.mxnet`` → (images float CHW normalised, labels float (N, L)).
 
     RGB-D records (label ``(class, rgb_len)``) are split inside DALI at ``rgb_len``;
     ``labels[:, 0]`` is the class either way. ``flip`` mirrors at random (DALI's own RNG).
+    ``resize=None`` resizes only when the first image record is not ``image_size`` square
+    (insightface sets are all 112x112); pass True for a set of mixed sizes.
     """
     index = image_index(rec_path, idx_path)
+    if resize is None:
+        src = RecordSource(rec_path, idx_path)
+        resize = not _native_size(src, channels, image_size)
+        src.reader.close()
     gpu = device_id is not None
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=2)
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=prefetch,
+                    exec_dynamic=True)
     with pipe:
         data, labels = fn.readers.mxnet(path=[rec_path], index_path=[index], shard_id=shard_id, num_shards=num_shards,
                                         random_shuffle=random_shuffle, initial_fill=initial_fill, pad_last_batch=False,
@@ -296,7 +407,7 @@ def mxnet_reader_pipeline(rec_path: str, idx_path: str | None = None, batch_size
             rgb = fn.decoders.image(data, device=dec, output_type=types.RGB)
         mirror = fn.random.coin_flip(probability=0.5) if flip else 0
         aug = augment.AugSettings(flip=flip)
-        images = _augment_graph(rgb, depth, {"flip": mirror}, aug, image_size, gpu)
+        images = _augment_graph(rgb, depth, {"flip": mirror}, aug, image_size, gpu, resize)
         pipe.set_outputs(images, labels)
     pipe.build()
     return pipe

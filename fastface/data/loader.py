@@ -51,7 +51,7 @@ class DataConfig:
     skip_corrupt: bool = False  # skip (and count) bad records instead of raising DataError
     idx_path: str | None = None
     device: str = "auto"  # dali only: gpu (mixed decode + GPU ops) | cpu | auto
-    prefetch: int = 2  # batches prepared ahead (per torch worker / DALI queue depth)
+    prefetch: int = 2  # batches prepared ahead per worker (torch prefetch_factor; DALI queues prefetch x num_workers)
     pin_memory: bool = True  # torch backend, when CUDA is present
 
     def aug_settings(self) -> augment.AugSettings:
@@ -79,9 +79,9 @@ def resolve_channels(channels: str, source: RecordSource | FolderSource) -> str:
     if "d" in channels and not source.has_depth:
         if isinstance(source, FolderSource):
             first = source.lacking_depth[0]
-            why = f"{len(source.lacking_depth)} of {len(source)} images have no _depth.png (first: {first})"
+            why = f"{len(source.lacking_depth)} of {len(source)} images have no _depth.png/.pgm (first: {first})"
         else:
-            why = "its records carry no depth PNG"
+            why = "its records carry no depth image"
         raise DataError(source.path, f"channels={channels!r} needs depth, but {why}")
     return channels
 
@@ -178,6 +178,17 @@ class FaceLoader:
 # ------------------------------------------------------------------------------- torch backend
 
 
+def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor in shared memory: a worker's batch then reaches the main
+    process without the copy into shared memory that sending a private tensor costs (the
+    way default_collate builds its batches)."""
+    try:
+        storage = torch.empty(0)._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")
+    except (AttributeError, TypeError):  # private API: fall back to a private tensor
+        return torch.empty(shape)
+    return torch.empty(0).new(storage).view(shape)
+
+
 class BatchDataset(torch.utils.data.Dataset):
     """Builds whole batches in the worker: fewer, larger messages than per-sample collation."""
 
@@ -205,7 +216,9 @@ class BatchDataset(torch.utils.data.Dataset):
         epoch, idx = item
         p = augment.draw(self.aug, self.seed, epoch, idx)
         c = CHANNELS[self.channels]
-        out = np.empty((len(idx), c, self.size, self.size), np.float32)
+        shape = (len(idx), c, self.size, self.size)
+        images = _shared_empty(shape) if torch.utils.data.get_worker_info() is not None else torch.empty(shape)
+        out = images.numpy()
         labels = np.empty(len(idx), np.int64)
         skipped: list[str] = []
         n = 0
@@ -217,10 +230,10 @@ class BatchDataset(torch.utils.data.Dataset):
                     raise
                 skipped.append(self.source.name(int(i)))
                 continue
-            out[n] = augment.apply(rgb, depth, p, j, self.size)
+            augment.apply(rgb, depth, p, j, self.size, out=out[n])
             labels[n] = label
             n += 1
-        return torch.from_numpy(out[:n]), torch.from_numpy(labels[:n]), skipped
+        return images[:n], torch.from_numpy(labels[:n]), skipped
 
 
 class _EpochBatches(torch.utils.data.Sampler):

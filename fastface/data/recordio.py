@@ -13,9 +13,9 @@ insightface convention: record 0 is a header with an empty image and label
 ``(N + 1, N + 1 + C)``: images are keys 1..N, and keys N+1..N+C are one record per identity
 whose label is the image key range ``[start, end)``.
 
-fastface RGB-D records: flag 2, label ``(class, rgb_len)``, payload ``JPEG ‖ 16-bit PNG``
-(see ``fastface.data.codec``). Readers that take ``label[0]`` as the class (insightface,
-DALI users) get the right class, and JPEG decoders ignore the trailing depth PNG. Plain RGB
+fastface RGB-D records: flag 2, label ``(class, rgb_len)``, payload ``JPEG ‖ 16-bit depth``
+with the depth a PGM or PNG (see ``fastface.data.codec``). Readers that take ``label[0]`` as the class (insightface,
+DALI users) get the right class, and JPEG decoders ignore the trailing depth image. Plain RGB
 records (flag 0, scalar label, JPEG) are written and read as before.
 """
 from __future__ import annotations
@@ -237,6 +237,13 @@ class RecordReader:
         if len(self._offset) != len(keys):
             raise RecordIOError(self.idx_path, "duplicate keys in the index")
         self._header0: IRHeader | None = None
+        self._arr: np.ndarray | None = None
+
+    def buffer(self) -> np.ndarray:
+        """The whole file as a read-only uint8 array over the memory map (no copy)."""
+        if self._arr is None:
+            self._arr = np.frombuffer(self._mm, np.uint8) if self.size else np.zeros(0, np.uint8)
+        return self._arr
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -308,8 +315,13 @@ class RecordReader:
 
     def close(self) -> None:
         """Release the memory map and file."""
+        self._arr = None
         if isinstance(self._mm, mmap.mmap):
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:
+                # Views from buffer() are still alive somewhere: the map closes when they go.
+                pass
         self._file.close()
 
     def __enter__(self) -> RecordReader:
@@ -329,6 +341,7 @@ class RecordReader:
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
         self.index_rebuilt = False
         self._header0 = None
+        self._arr = None
 
 
 class RecordWriter:
@@ -416,7 +429,7 @@ class FaceRecordWriter:
         self._ranges: list[list[int]] = []
 
     def add(self, label: int, rgb: bytes, depth: bytes | None = None) -> int:
-        """Append one image of class ``label`` (RGB bytes, optional depth PNG); returns its key."""
+        """Append one image of class ``label`` (RGB bytes, optional depth PGM/PNG); returns its key."""
         label = int(label)
         if self._count >= self.n_images:
             raise ValueError(f"{self._w.path}: more than the declared {self.n_images} images")
@@ -459,3 +472,30 @@ class FaceRecordWriter:
 def write_property(path: str, n_classes: int, height: int = 112, width: int = 112) -> None:
     """The insightface ``property`` file: ``num_classes,h,w``."""
     _atomic_text(path, f"{n_classes},{height},{width}\n")
+
+
+def convert_depth(src: str, dst: str, fmt: str = "pgm", src_idx: str | None = None, dst_idx: str | None = None) -> int:
+    """Rewrite an RGB-D RecordIO set with its depth maps in ``fmt`` (pgm or png); returns how many.
+
+    Lossless for what the loaders see (8-bit depth becomes the 16-bit values they would
+    scale it to). Keys, headers, RGB bytes and every other record are copied unchanged; the
+    new ``.idx`` is written beside ``dst``. Use it to give an older PNG-depth set the faster
+    PGM depth (``fastface.data.codec``).
+    """
+    from fastface.data.codec import DecodeError, decode_depth, encode_depth
+
+    n = 0
+    with RecordReader(src, src_idx) as r, RecordWriter(dst, dst_idx) as w:
+        for key in r.keys:
+            h, payload = r[key]
+            if isinstance(h.label, tuple) and len(h.label) >= 2 and 0 < h.label[1] < len(payload):
+                cut = int(h.label[1])
+                try:
+                    depth = encode_depth(decode_depth(payload[cut:]), fmt=fmt)
+                except DecodeError as e:
+                    raise RecordIOError(src, f"depth image: {e}", key) from None
+                w.write(key, h, payload[:cut] + depth)
+                n += 1
+            else:
+                w.write(key, h, payload)
+    return n

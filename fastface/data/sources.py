@@ -1,22 +1,58 @@
-"""Training-set sources: index → (class, RGB bytes, depth PNG bytes or None), for any backend.
+"""Training-set sources: index → (class, RGB bytes, depth PNG/PGM bytes or None), for any backend.
 
 Two layouts: an insightface RecordIO set (``train.rec`` + ``train.idx``, see
 ``fastface.data.recordio``) and an image folder ``root/<identity>/<name>.{jpg,jpeg,png}``
-with an optional 16-bit ``<name>_depth.png`` next to each image. Both loaders (torch and
-DALI) read encoded bytes through this interface and decode them themselves.
+with an optional 16-bit ``<name>_depth.png`` (or ``_depth.pgm``) next to each image. Both
+loaders (torch and DALI) read encoded bytes through this interface and decode them
+themselves; ``read_many`` reads a whole batch (for RecordIO: views of the mapped file).
 """
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Protocol
 
-from fastface.data.codec import DecodeError, PNG_SIGNATURE, check_complete
+import numpy as np
+
+from fastface.data.codec import PGM_MAGIC, PNG_IEND, PNG_SIGNATURE, DecodeError, check_complete, pgm_header
 from fastface.data.errors import DataError
-from fastface.data.recordio import RecordIOError, RecordReader
+from fastface.data.recordio import IR_SIZE, MAGIC, MAX_PART, RecordIOError, RecordReader
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-DEPTH_SUFFIX = "_depth.png"
+DEPTH_SUFFIXES = ("_depth.png", "_depth.pgm")
+
+
+@dataclass
+class BatchBytes:
+    """Encoded samples of one batch as ``read_many`` found them: what was read, what failed."""
+
+    kept: np.ndarray  # positions (into the requested indices) that were read, in order
+    labels: np.ndarray  # int64 class of each kept sample
+    rgb: list[np.ndarray]  # uint8 encoded RGB of each kept sample ([] when not asked for)
+    depth: list[np.ndarray]  # uint8 encoded depth of each kept sample ([] when not asked for)
+    errors: list[tuple[int, DataError]]  # (position, why) of each sample that could not be read
+
+
+def _read_each(src: Source, idx: np.ndarray, rgb: bool, depth: bool) -> BatchBytes:
+    """``read_many`` by calling ``read`` per sample (and for the records the fast path declines)."""
+    kept, labels, rgbs, depths, errors = [], [], [], [], []
+    for j, i in enumerate(np.asarray(idx, np.int64).tolist()):
+        try:
+            label, rgb_b, depth_b = src.read(i)
+            if depth and depth_b is None:
+                path, rec = src.locate(i)
+                raise DataError(path, "sample has no depth", rec)
+        except DataError as e:
+            errors.append((j, e))
+            continue
+        kept.append(j)
+        labels.append(label)
+        if rgb:
+            rgbs.append(np.frombuffer(rgb_b, np.uint8))
+        if depth:
+            depths.append(np.frombuffer(depth_b, np.uint8))
+    return BatchBytes(np.array(kept, np.int64), np.array(labels, np.int64), rgbs, depths, errors)
 
 
 class Source(Protocol):
@@ -33,6 +69,8 @@ class Source(Protocol):
     def name(self, i: int) -> str: ...
 
     def locate(self, i: int) -> tuple[str, int | None]: ...
+
+    def read_many(self, idx: np.ndarray, rgb: bool = True, depth: bool = False) -> BatchBytes: ...
 
 
 class RecordSource:
@@ -54,6 +92,9 @@ class RecordSource:
         if not self.keys:
             raise DataError(self.path, "no image records")
         self.num_classes = self._num_classes()
+        self._offsets = np.array([self.reader.offset(k) for k in self.keys], np.int64)
+        self._pgm_head: bytes | None = None  # the PGM depth header of this set, for read_many
+        self._pgm_bytes = 0
         self.has_depth = self._probe_depth()
 
     def _num_classes(self) -> int:
@@ -77,6 +118,14 @@ class RecordSource:
                 continue
             if isinstance(h.label, tuple) and len(h.label) >= 2:
                 n = int(h.label[1])
+                if payload[n : n + 2] == PGM_MAGIC:
+                    try:
+                        w, hh, maxval, start = pgm_header(payload[n:])
+                    except DecodeError:
+                        return True  # the error surfaces, with the record named, when it is read
+                    if maxval == 65535:
+                        self._pgm_head, self._pgm_bytes = payload[n : n + start], start + 2 * w * hh
+                    return True
                 return payload[n : n + 8] == PNG_SIGNATURE
             return False
         return False
@@ -106,7 +155,7 @@ class RecordSource:
         return int(lab)
 
     def read(self, i: int) -> tuple[int, bytes, bytes | None]:
-        """(class, RGB bytes, depth PNG bytes or None) of sample ``i``; DataError names the record."""
+        """(class, RGB bytes, depth PNG/PGM bytes or None) of sample ``i``; DataError names the record."""
         key = self.keys[i]
         h, payload = self.reader[key]
         label = self._label(key, h)
@@ -125,9 +174,94 @@ class RecordSource:
             raise RecordIOError(self.path, str(e), key) from None
         return label, rgb, depth
 
+    def read_many(self, idx: np.ndarray, rgb: bool = True, depth: bool = False) -> BatchBytes:
+        """Samples ``idx`` as zero-copy views of the mapped file: one vectorised pass over the batch.
+
+        Checks the same things as ``read`` (framing, label, RGB length, complete JPEG/PNG,
+        complete depth) with numpy on the whole batch; a record that does not pass plainly
+        (multi-part, odd format, or bad) goes through ``read``, which names what is wrong.
+        ``depth=True`` makes a sample without depth an error.
+        """
+        idx = np.asarray(idx, np.int64)
+        n = len(idx)
+        if n == 0:
+            return BatchBytes(np.zeros(0, np.int64), np.zeros(0, np.int64), [], [], [])
+        arr = self.reader.buffer()
+        size = arr.size
+        offs = self._offsets[idx]
+        # Frame header (magic, lrec), IRHeader (flag, label, id, id2) and two float labels.
+        ok = (offs >= 0) & (offs + 40 <= size)
+        o = np.where(ok, offs, 0)
+        g = arr[o[:, None] + np.arange(40)]
+        words, floats = g.view("<u4"), g.view("<f4")
+        length, flag = words[:, 1] & MAX_PART, words[:, 2].astype(np.int64)
+        ok &= (words[:, 0] == MAGIC) & (words[:, 1] >> 29 == 0) & (flag <= 8)
+        ps = offs + 8 + IR_SIZE + 4 * flag
+        pe = offs + 8 + length
+        ok &= (pe >= ps) & (pe <= size)
+        with np.errstate(invalid="ignore"):
+            lab = np.where(flag == 0, floats[:, 3], floats[:, 8]).astype(np.float64)
+            ok &= np.isfinite(lab) & (lab == np.floor(lab)) & (lab >= 0) & (lab < self.num_classes)
+            two = flag >= 2
+            rl = np.where(two, floats[:, 9], 0).astype(np.float64)
+            ok &= ~two | (np.isfinite(rl) & (rl == np.floor(rl)) & (rl > 0) & (rl <= pe - ps))
+        re = np.where(two & ok, ps + np.where(ok, rl, 0).astype(np.int64), pe)
+        # Complete RGB: JPEG SOI ... EOI or PNG signature ... IEND (anything else: read()).
+        ok &= re - ps >= 8
+        s0, s1 = np.where(ok, ps, 0), np.where(ok, re - 8, 0)
+        head, tail = arr[s0[:, None] + np.arange(8)], arr[s1[:, None] + np.arange(8)]
+        jpeg = (head[:, 0] == 0xFF) & (head[:, 1] == 0xD8) & (tail[:, 6] == 0xFF) & (tail[:, 7] == 0xD9)
+        sig, iend = np.frombuffer(PNG_SIGNATURE, np.uint8), np.frombuffer(PNG_IEND, np.uint8)
+        png = (head == sig).all(1) & (tail == iend).all(1)
+        ok &= jpeg | png
+        # Complete depth when there is some: PNG signature ... IEND, or this set's PGM header + samples.
+        has_d = two & (pe > re)
+        dl = pe - re
+        chk = ok & has_d & (dl >= 8)
+        d0, d1 = np.where(chk, re, 0), np.where(chk, pe - 8, 0)
+        dhead, dtail = arr[d0[:, None] + np.arange(8)], arr[d1[:, None] + np.arange(8)]
+        d_ok = (dhead == sig).all(1) & (dtail == iend).all(1)
+        if self._pgm_head is not None:
+            k = len(self._pgm_head)
+            ph = arr[np.where(chk, re, 0)[:, None] + np.arange(min(k, 8))]
+            same = (ph == np.frombuffer(self._pgm_head[:8], np.uint8)).all(1) & (dl == self._pgm_bytes)
+            if k > 8 and same.any():
+                rest = arr[np.where(same, re, 0)[:, None] + np.arange(8, k)]
+                same &= (rest == np.frombuffer(self._pgm_head[8:], np.uint8)).all(1)
+            d_ok |= same
+        ok &= ~has_d | (chk & d_ok)
+        labels = np.where(ok, lab, 0).astype(np.int64)
+        if ok.all() and (not depth or has_d.all()):
+            rs, rend, de = ps.tolist(), re.tolist(), pe.tolist()
+            return BatchBytes(np.arange(n, dtype=np.int64), labels,
+                              [arr[a:b] for a, b in zip(rs, rend)] if rgb else [],
+                              [arr[a:b] for a, b in zip(rend, de)] if depth else [], [])
+        kept, labs, rgbs, depths, errors = [], [], [], [], []
+        for j in range(n):
+            if not ok[j]:
+                one = _read_each(self, idx[j : j + 1], rgb, depth)
+                if one.errors:
+                    errors.append((j, one.errors[0][1]))
+                    continue
+                kept.append(j)
+                labs.append(int(one.labels[0]))
+                rgbs += one.rgb
+                depths += one.depth
+                continue
+            if depth and not has_d[j]:
+                errors.append((j, DataError(self.path, "sample has no depth", self.keys[int(idx[j])])))
+                continue
+            kept.append(j)
+            labs.append(int(labels[j]))
+            if rgb:
+                rgbs.append(arr[int(ps[j]) : int(re[j])])
+            if depth:
+                depths.append(arr[int(re[j]) : int(pe[j])])
+        return BatchBytes(np.array(kept, np.int64), np.array(labs, np.int64), rgbs, depths, errors)
+
 
 class FolderSource:
-    """``root/<identity>/<name>.{jpg,jpeg,png}`` (+ ``<name>_depth.png``); identities sorted by name."""
+    """``root/<identity>/<name>.{jpg,jpeg,png}`` (+ ``<name>_depth.png|pgm``); identities sorted by name."""
 
     def __init__(self, root: str, skip_corrupt: bool = False):
         self.path = os.fspath(root)
@@ -144,13 +278,12 @@ class FolderSource:
             present = set(names)
             for f in names:
                 stem, ext = os.path.splitext(f)
-                if ext.lower() not in IMAGE_EXTS or f.endswith(DEPTH_SUFFIX):
+                if ext.lower() not in IMAGE_EXTS or f.endswith(DEPTH_SUFFIXES):
                     continue
-                dep = stem + DEPTH_SUFFIX
-                has = dep in present
-                if not has:
+                dep = next((stem + sfx for sfx in DEPTH_SUFFIXES if stem + sfx in present), None)
+                if dep is None:
                     self.lacking_depth.append(os.path.join(d, f))
-                self.files.append((label, os.path.join(d, f), os.path.join(d, dep) if has else None))
+                self.files.append((label, os.path.join(d, f), os.path.join(d, dep) if dep else None))
         if not self.files:
             raise DataError(self.path, "no images found (expected <root>/<identity>/<name>.jpg|png)")
         self.num_classes = len(ids)
@@ -169,7 +302,7 @@ class FolderSource:
         return self.files[i][1], None
 
     def read(self, i: int) -> tuple[int, bytes, bytes | None]:
-        """(class, RGB bytes, depth PNG bytes or None) of sample ``i``."""
+        """(class, RGB bytes, depth PNG/PGM bytes or None) of sample ``i``."""
         label, img, dep = self.files[i]
         try:
             with open(img, "rb") as f:
@@ -183,6 +316,10 @@ class FolderSource:
         except (OSError, DecodeError) as e:
             raise DataError(img, str(e)) from None
         return label, rgb, depth
+
+    def read_many(self, idx: np.ndarray, rgb: bool = True, depth: bool = False) -> BatchBytes:
+        """Samples ``idx`` (one file read per image); errors are collected, not raised."""
+        return _read_each(self, idx, rgb, depth)
 
 
 def open_source(path: str, idx_path: str | None = None, skip_corrupt: bool = False) -> RecordSource | FolderSource:

@@ -2,7 +2,7 @@
 
 A ``.bin`` is a pickle of ``(bins, issame)``: ``bins`` a list of 2N encoded images, ``issame``
 a list of N booleans; pair k is images (2k, 2k+1). For RGB-D each entry holds both images of
-that pair member as one payload, ``RGB JPEG ‖ 16-bit depth PNG`` (``fastface.data.codec``):
+that pair member as one payload, ``RGB JPEG ‖ 16-bit depth PGM/PNG`` (``fastface.data.codec``):
 insightface's loader decodes the RGB part of it unchanged, ours splits off the depth.
 """
 from __future__ import annotations
