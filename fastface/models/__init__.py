@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 from fastface.arch import ArchSpec
 from fastface.models.mobilenetv2 import (
-    ConcatMerge, ConvBNAct, InvertedResidual, MobileNetV2, build_model, folded_eval, layer_modules, replicate,
+    ConcatMerge, ConvBNAct, InvertedResidual, MobileNetV2, build_model, folded_eval, fused_train, layer_modules, replicate,
     resplit, split,
     transfer_weights,
 )
@@ -44,7 +44,7 @@ def list_models() -> list[str]:
 
 
 __all__ = [
-    "ConcatMerge", "ConvBNAct", "InvertedResidual", "MobileNetV2", "build_model", "create_model", "folded_eval",
+    "ConcatMerge", "ConvBNAct", "InvertedResidual", "MobileNetV2", "build_model", "create_model", "folded_eval", "fused_train",
     "layer_modules",
     "list_models", "register_spec", "replicate", "resplit", "spec_by_name", "split", "transfer_weights",
 ]

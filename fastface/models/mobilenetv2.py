@@ -16,27 +16,43 @@ Exactness of the operators (eval mode, BN running statistics):
   copied from the parent's layer at the same depth (the same modality's branch where the
   parent has one, else its shared layer); shared layers copied from a parent branch take
   the first modality's; a new concat merge starts as the branch average.
+
+Fused paths (fastface.ops; each computes the same function as the plain modules, to rounding):
+- eval (`folded_eval`, on by default): BN is folded into the convs; an inverted-residual block
+  is one `ir_block` call, a ConvBNAct one conv. Folded weights are cached (in the packed layout
+  of the C++ kernel on the CPU) and recomputed when a parameter or BN buffer changes (version
+  counters), on train()/eval() and on .to(); never cached while autograd records or tracing.
+  Writes through `.data` bypass version counters: call .eval() again after such a write.
+- training (`fused_train`, on by default): a depthwise ConvBNAct whose BN is in training mode
+  runs `dwconv_bn_act` (conv + batch-statistics BN + ReLU6 in one op whose backward recomputes
+  the conv) and updates the running statistics as nn.BatchNorm2d does.
+- split networks: the per-modality copies of layers 1 .. split-1 (same shapes by construction)
+  run as one grouped call per layer (branch = group): `ir_block(groups=G)` in eval, grouped
+  1x1 convs + one `dwconv_bn_act` over the concatenated channels in training. In eval the
+  branch stems are one conv too (block-diagonal weight; for split = 1 with the "add" merge,
+  the summed stems are exactly one stem conv).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastface.arch import ArchSpec, LayerInfo
-from fastface.models.heads import make_head
-from fastface.ops import dwconv2d
+from fastface.models.heads import GDCHead, PoolHead, make_head
+from fastface.ops import dwconv_bn_act, ir_block, pack_ir_weights
 
 
 _FOLDED_EVAL = [True]
+_FUSED_TRAIN = [True]
 
 
 @contextlib.contextmanager
 def folded_eval(enabled: bool) -> Iterator[None]:
-    """Turn the folded-BN fast path of blocks in eval mode on or off inside the block."""
+    """Turn the folded-BN fast path (fused blocks, folded convs) in eval mode on or off inside the block."""
     _FOLDED_EVAL.append(enabled)
     try:
         yield
@@ -44,7 +60,91 @@ def folded_eval(enabled: bool) -> Iterator[None]:
         _FOLDED_EVAL.pop()
 
 
-class ConvBNAct(nn.Module):
+@contextlib.contextmanager
+def fused_train(enabled: bool) -> Iterator[None]:
+    """Turn the fused training path (dwconv_bn_act, grouped branches) on or off inside the block."""
+    _FUSED_TRAIN.append(enabled)
+    try:
+        yield
+    finally:
+        _FUSED_TRAIN.pop()
+
+
+def _cached(module: nn.Module, slot: str, tensors: Sequence[torch.Tensor], make: Callable[[], Any]) -> Any:
+    """make(), remembered on `module` until one of `tensors` changes (data pointer or version)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+        return make()  # autograd must see the folding; a trace must record it
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    cache = module.__dict__.setdefault("_fold_cache", {})
+    hit = cache.get(slot)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = make()
+    cache[slot] = (key, value)
+    return value
+
+
+class _FoldCacheOwner(nn.Module):
+    """Drops cached folded weights on train()/eval() and device or dtype moves."""
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_fold_cache", None)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_fold_cache", None)
+        return super()._apply(fn, *args, **kwargs)
+
+
+def _bn_tensors(bn: nn.Module) -> list[torch.Tensor]:
+    # Straight from the module dicts: nn.Module.__getattr__ costs ~1 us a lookup, and the
+    # eval fast path checks these on every call (a 7x7 block runs in ~40 us at batch 1).
+    p, b = bn._parameters, bn._buffers
+    return [p["weight"], p["bias"], b["running_mean"], b["running_var"]]
+
+
+def _convbn_tensors(m: nn.Module) -> list[torch.Tensor]:
+    mods = m._modules
+    return [mods["conv"]._parameters["weight"], *_bn_tensors(mods["bn"])]
+
+
+def _bn_folds(bn: nn.BatchNorm2d) -> bool:
+    """True if BN is an affine map of its input (eval mode with running statistics)."""
+    return not bn.training and bn.running_mean is not None and bn.affine
+
+
+def _bn_trains(bn: nn.BatchNorm2d) -> bool:
+    """True if BN normalises with batch statistics (what dwconv_bn_act computes)."""
+    return bn.affine and (bn.training or bn.running_mean is None)
+
+
+def _update_running_stats(bns: Sequence[nn.BatchNorm2d], mean: torch.Tensor, invstd: torch.Tensor, count: int) -> None:
+    """Running statistics of consecutive channel slices, updated as nn.BatchNorm2d does."""
+    with torch.no_grad():
+        off = 0
+        for bn in bns:
+            c = bn.num_features
+            if bn.track_running_stats and bn.running_mean is not None:
+                bn.num_batches_tracked.add_(1)
+                f = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
+                m = mean[off:off + c].to(bn.running_mean.dtype)
+                # Biased variance from invstd = 1/sqrt(var + eps), in float64, then unbiased.
+                var = (invstd[off:off + c].double().reciprocal().square() - bn.eps).clamp_min(0) * (count / (count - 1))
+                bn.running_mean.mul_(1 - f).add_(m * f)
+                bn.running_var.mul_(1 - f).add_(var.to(bn.running_var.dtype) * f)
+            off += c
+
+
+def _check_batch(shape: Sequence[int]) -> int:
+    # The same check (and message) as F.batch_norm in training.
+    count = shape[0] * shape[2] * shape[3]
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(shape)}")
+    return count
+
+
+class ConvBNAct(_FoldCacheOwner):
     """Conv (no bias) -> BatchNorm -> ReLU6 (or no activation)."""
 
     def __init__(self, cin: int, cout: int, k: int = 1, s: int = 1, groups: int = 1, act: bool = True):
@@ -58,7 +158,35 @@ class ConvBNAct(nn.Module):
         return self.bn(self.conv(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            if _FUSED_TRAIN[-1] and self._fuses_dw():
+                return self.forward_fused(x)
+        elif (_FOLDED_EVAL[-1] and _bn_folds(self.bn) and isinstance(self.act, (nn.ReLU6, nn.Identity))
+              and self.conv.padding_mode == "zeros"):
+            w, b = _cached(self, "folded", _convbn_tensors(self), self.folded)
+            c = self.conv
+            y = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+            # In place: y is this call's own temporary (and a conv's backward never reads its output).
+            return F.relu6(y, inplace=True) if isinstance(self.act, nn.ReLU6) else y
         return self.act(self.bn(self.conv(x)))
+
+    def _fuses_dw(self) -> bool:
+        """Whether forward_fused computes this module's training forward exactly."""
+        c, k = self.conv, self.conv.kernel_size[0]
+        return (c.groups == c.in_channels == c.out_channels and c.bias is None and c.kernel_size == (k, k)
+                and k % 2 == 1 and c.padding == (k // 2, k // 2) and c.dilation == (1, 1)
+                and c.stride[0] == c.stride[1] and c.padding_mode == "zeros" and _bn_trains(self.bn)
+                and isinstance(self.act, (nn.ReLU6, nn.Identity)))
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Training forward of a depthwise conv + BN (batch statistics) + act through fastface.ops.dwconv_bn_act."""
+        bn = self.bn
+        count = _check_batch((x.shape[0], x.shape[1], *_out_hw(x, self.conv)))
+        y, mean, invstd = dwconv_bn_act(x, self.conv.weight[:, 0], bn.weight, bn.bias, self.conv.stride[0], bn.eps,
+                                        isinstance(self.act, nn.ReLU6))
+        if bn.training:
+            _update_running_stats([bn], mean, invstd, count)
+        return y
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of the conv with the BN (running statistics) folded in."""
@@ -68,11 +196,118 @@ class ConvBNAct(nn.Module):
         return w, bn.bias - bn.running_mean * scale
 
 
-class InvertedResidual(nn.Module):
+def _out_hw(x: torch.Tensor, conv: nn.Conv2d) -> tuple[int, int]:
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    return (x.shape[2] + 2 * p - k) // s + 1, (x.shape[3] + 2 * p - k) // s + 1
+
+
+def _ir_weights(blocks: Sequence["InvertedResidual"], device: torch.device) -> tuple:
+    """ir_block's weight arguments for same-shaped blocks run as groups (BN folded, branch g = slice g)."""
+    def cat(ts):
+        return ts[0] if len(ts) == 1 else torch.cat(ts, 0)
+
+    we = be = None
+    if blocks[0].expand is not None:
+        folded = [b.expand.folded() for b in blocks]
+        we, be = cat([w.flatten(1) for w, _ in folded]), cat([b for _, b in folded])
+    folded = [b.dw.folded() for b in blocks]
+    wd, bd = cat([w[:, 0] for w, _ in folded]), cat([b for _, b in folded])
+    folded = [b.project.folded() for b in blocks]
+    wp, bp = cat([w.flatten(1) for w, _ in folded]), cat([b for _, b in folded])
+    if device.type == "cpu":
+        # The C++ kernel's native layout: packed once here instead of on every call.
+        we, wd, wp = pack_ir_weights(we, wd, wp)
+    return we, be, wd, bd, wp, bp
+
+
+def _block_tensors(blocks: Sequence["InvertedResidual"]) -> list[torch.Tensor]:
+    out = []
+    for b in blocks:
+        for m in b._modules.values():
+            if m is not None:
+                out += _convbn_tensors(m)
+    return out
+
+
+def _blocks_fold(blocks: Sequence["InvertedResidual"]) -> bool:
+    for b in blocks:
+        if b.training:
+            return False
+        for m in b._modules.values():
+            if m is not None and (m.training or not _bn_folds(m._modules["bn"])):
+                return False
+    return True
+
+
+def _grouped_bn_train(bns: Sequence[nn.BatchNorm2d], h: torch.Tensor) -> torch.Tensor:
+    """Training-mode BN of several same-configured BNs over their concatenated channels."""
+    bn0 = bns[0]
+    w, b = torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])
+    if not (bn0.training and bn0.track_running_stats):
+        return F.batch_norm(h, None, None, w, b, True, 0.0, bn0.eps)
+    with torch.no_grad():
+        for bn in bns:
+            bn.num_batches_tracked.add_(1)
+    f = bn0.momentum if bn0.momentum is not None else 1.0 / float(bn0.num_batches_tracked)
+    rm, rv = torch.cat([bn.running_mean for bn in bns]), torch.cat([bn.running_var for bn in bns])
+    y = F.batch_norm(h, rm, rv, w, b, True, f, bn0.eps)
+    with torch.no_grad():
+        off = 0
+        for bn in bns:
+            c = bn.num_features
+            bn.running_mean.copy_(rm[off:off + c])
+            bn.running_var.copy_(rv[off:off + c])
+            off += c
+    return y
+
+
+def _groupable_bns(bns: Sequence[nn.BatchNorm2d]) -> bool:
+    bn0 = bns[0]
+    if not all(_bn_trains(bn) and bn.training == bn0.training and bn.eps == bn0.eps and bn.momentum == bn0.momentum
+               and bn.track_running_stats == bn0.track_running_stats for bn in bns):
+        return False
+    # A cumulative average (momentum None) weights batches by count: the counts must agree.
+    return bn0.momentum is not None or len({int(bn.num_batches_tracked) for bn in bns}) == 1
+
+
+def _blocks_train_grouped(blocks: Sequence["InvertedResidual"]) -> bool:
+    b0 = blocks[0]
+    for b in blocks:
+        if not (b.training and b.dw.training and b.dw._fuses_dw() and b.project.training):
+            return False
+        if not isinstance(b.project.act, nn.Identity) or (b.expand is not None and not isinstance(b.expand.act, nn.ReLU6)):
+            return False
+        if b.dw.conv.stride != b0.dw.conv.stride or isinstance(b.dw.act, nn.ReLU6) != isinstance(b0.dw.act, nn.ReLU6):
+            return False
+    return all(_groupable_bns([getattr(b, name).bn for b in blocks])
+               for name in ("expand", "dw", "project") if getattr(b0, name) is not None)
+
+
+def _grouped_block_train(blocks: Sequence["InvertedResidual"], x: torch.Tensor) -> torch.Tensor:
+    """Training forward of G same-shaped blocks on their concatenated channels (branch g = slice g)."""
+    g, b0 = len(blocks), blocks[0]
+    h = x
+    if b0.expand is not None:
+        w = torch.cat([b.expand.conv.weight for b in blocks])
+        h = F.relu6(_grouped_bn_train([b.expand.bn for b in blocks], F.conv2d(h, w, None, 1, 0, 1, g)))
+    dws = [b.dw for b in blocks]
+    count = _check_batch((h.shape[0], h.shape[1], *_out_hw(h, b0.dw.conv)))
+    h, mean, invstd = dwconv_bn_act(h, torch.cat([d.conv.weight[:, 0] for d in dws]),
+                                    torch.cat([d.bn.weight for d in dws]), torch.cat([d.bn.bias for d in dws]),
+                                    b0.dw.conv.stride[0], b0.dw.bn.eps, isinstance(b0.dw.act, nn.ReLU6))
+    if b0.dw.bn.training:
+        _update_running_stats([d.bn for d in dws], mean, invstd, count)
+    w = torch.cat([b.project.conv.weight for b in blocks])
+    y = _grouped_bn_train([b.project.bn for b in blocks], F.conv2d(h, w, None, 1, 0, 1, g))
+    return x + y if b0.use_res else y
+
+
+class InvertedResidual(_FoldCacheOwner):
     """1x1 expand (if t != 1) -> k x k depthwise -> 1x1 linear project, + input when shapes match.
 
-    In eval mode the BN layers are folded and the depthwise stage runs through
-    fastface.ops.dwconv2d (C++/CUDA kernels where available).
+    In eval mode the BN layers are folded and the whole block runs as one fastface.ops.ir_block
+    call (C++/Triton/CUDA kernels where available); in training the depthwise stage runs
+    fastface.ops.dwconv_bn_act (see the module docstring).
     """
 
     def __init__(self, info: LayerInfo):
@@ -85,7 +320,7 @@ class InvertedResidual(nn.Module):
         self.project = ConvBNAct(info.hidden, info.cout, 1, act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and _FOLDED_EVAL[-1]:
+        if not self.training and _FOLDED_EVAL[-1] and _blocks_fold([self]):
             return self.forward_folded(x)
         h = self.expand(x) if self.expand is not None else x
         y = self.project(self.dw(h))
@@ -93,15 +328,8 @@ class InvertedResidual(nn.Module):
 
     def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         """Inference with BN folded into the convs (the same function as forward in eval mode)."""
-        h = x
-        if self.expand is not None:
-            w, b = self.expand.folded()
-            h = F.relu6(F.conv2d(h, w, b))
-        w, b = self.dw.folded()
-        h = dwconv2d(h, w, b, self.stride, self.k // 2, True)
-        w, b = self.project.folded()
-        y = F.conv2d(h, w, b)
-        return x + y if self.use_res else y
+        args = _cached(self, "ir", _block_tensors([self]), lambda: _ir_weights([self], x.device))
+        return ir_block(x, *args, self.stride, self.use_res, 1)
 
     def preact(self, x: torch.Tensor) -> torch.Tensor:
         """Blocks end linear: the pre-activation output is the output."""
@@ -123,7 +351,11 @@ class ConcatMerge(nn.Module):
         self.bn = nn.BatchNorm2d(channels)
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        return self.bn(self.conv(torch.cat(xs, 1)))
+        return self.forward_cat(torch.cat(xs, 1))
+
+    def forward_cat(self, x: torch.Tensor) -> torch.Tensor:
+        """The merge of branch outputs already concatenated along channels."""
+        return self.bn(self.conv(x))
 
     @torch.no_grad()
     def init_average(self) -> None:
@@ -140,7 +372,7 @@ def _make_layer(info: LayerInfo, cin: int | None = None) -> nn.Module:
     return InvertedResidual(info)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(_FoldCacheOwner):
     """The network an ArchSpec describes; forward(x: N x C x H x W) -> embeddings (or logits)."""
 
     def __init__(self, spec: ArchSpec):
@@ -178,7 +410,9 @@ class MobileNetV2(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.spec.in_channels:
             raise ValueError(f"{self.spec.name}: expected input N x {self.spec.in_channels} x H x W "
                              f"({'+'.join(f'{m}:{c}' for m, c in self.spec.inputs.items())}), got {tuple(x.shape)}")
-        if self.branches is not None:
+        if self.branches is not None and self._branches_grouped():
+            x = self._grouped_branches(x)
+        elif self.branches is not None:
             outs = []
             for m, xm in zip(self.modalities, torch.split(x, self.in_splits, dim=1)):
                 branch = self.branches[m]
@@ -194,7 +428,115 @@ class MobileNetV2(nn.Module):
         return self.last(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        f = self.features(x)
+        if not self.training and _FOLDED_EVAL[-1] and _head_folds(self.head, f):
+            w, b = _cached(self, "head", _head_tensors(self.head), lambda: _fold_head(self.head))
+            if isinstance(self.head, GDCHead):
+                f = (f * w[0]).sum((2, 3))  # the global depthwise conv: one weighted sum per channel
+            else:
+                f = f.mean((2, 3))
+            return F.linear(f, w[1], b)
+        return self.head(f)
+
+    def _branch_blocks(self, j: int) -> list[InvertedResidual]:
+        return [self.branches[m][j] for m in self.modalities]
+
+    def _branches_grouped(self) -> bool:
+        """Whether the branches run as grouped calls (see the module docstring)."""
+        k = self.spec.split
+        blocks = [self._branch_blocks(j) for j in range(1, k)]
+        if not self.training:
+            stems = [self.branches[m][0] for m in self.modalities]
+            return (_FOLDED_EVAL[-1] and all(_blocks_fold(bs) for bs in blocks)
+                    and all(not s.training and _bn_folds(s.bn) and s.conv.padding_mode == "zeros" for s in stems)
+                    and len({type(s.act) for s in stems}) == 1 and isinstance(stems[0].act, (nn.ReLU6, nn.Identity)))
+        return k >= 2 and _FUSED_TRAIN[-1] and all(_blocks_train_grouped(bs) for bs in blocks)
+
+    def _stems_folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All branch stems as one conv over the stacked input (eval, BN folded).
+
+        Block-diagonal weight (branch g's output channels see only modality g's input channels):
+        the stems' outputs concatenated, in one call and without a concat copy. Also the
+        input-channel concatenation with summed biases: the stems' pre-activations summed (the
+        "add" merge right after the stems, split = 1), which is exactly the fused network's stem.
+        """
+        stems = [self.branches[m][0] for m in self.modalities]
+        folded = [s.folded() for s in stems]
+        w0 = folded[0][0]
+        c0, cin, k = w0.shape[0], self.spec.in_channels, w0.shape[-1]
+        block = w0.new_zeros((len(stems) * c0, cin, k, k))
+        off = 0
+        for g, ((w, _), c) in enumerate(zip(folded, self.in_splits)):
+            block[g * c0:(g + 1) * c0, off:off + c] = w
+            off += c
+        summed = torch.cat([w for w, _ in folded], 1)
+        fmt = torch.channels_last if stems[0].conv.weight.is_contiguous(memory_format=torch.channels_last) else None
+        if fmt is not None:  # keep the layout the convolution backends pick fast kernels for
+            block, summed = block.contiguous(memory_format=fmt), summed.contiguous(memory_format=fmt)
+        return block, torch.cat([b for _, b in folded]), summed, torch.stack([b for _, b in folded]).sum(0)
+
+    def _grouped_branches(self, x: torch.Tensor) -> torch.Tensor:
+        """Branches (stems, then grouped blocks) and the merge."""
+        g = len(self.modalities)
+        if self.training:
+            h = torch.cat([self.branches[m][0](xm) for m, xm in zip(self.modalities, torch.split(x, self.in_splits, 1))],
+                          1)
+        else:
+            stems = [self.branches[m][0] for m in self.modalities]
+            wb, bb, ws, bs = _cached(self, "stems", [t for s in stems for t in _convbn_tensors(s)], self._stems_folded)
+            c = stems[0].conv
+            relu6 = isinstance(stems[0].act, nn.ReLU6)
+            if self.spec.split == 1 and self.merge is None:
+                y = F.conv2d(x, ws, bs, c.stride, c.padding)
+                return F.relu6(y, inplace=True) if relu6 else y
+            h = F.conv2d(x, wb, bb, c.stride, c.padding)
+            if relu6:
+                h = F.relu6(h, inplace=True)
+        for j in range(1, self.spec.split):
+            blocks = self._branch_blocks(j)
+            if self.training:
+                h = _grouped_block_train(blocks, h)
+            else:
+                args = _cached(self, f"branch{j}", _block_tensors(blocks), lambda: _ir_weights(blocks, h.device))
+                h = ir_block(h, *args, blocks[0].stride, blocks[0].use_res, g)
+        if self.merge is not None:
+            return self.merge.forward_cat(h)
+        return self.branches[self.modalities[0]][-1].act(torch.stack(h.chunk(g, 1)).sum(0))
+
+
+def _head_folds(head: nn.Module, f: torch.Tensor) -> bool:
+    """Whether the head is affine in eval (GDC or pooling, BNs with running statistics): foldable."""
+    if head.training or not isinstance(head, (GDCHead, PoolHead)):
+        return False
+    if isinstance(head, GDCHead) and tuple(f.shape[-2:]) != tuple(head.gdc.kernel_size):
+        return False  # the plain head decides what a mismatched feature map means (an error)
+    bns = [head.bn] + ([head.gdc_bn] if isinstance(head, GDCHead) else [])
+    return all(not bn.training and bn.running_mean is not None and bn.affine for bn in bns)
+
+
+def _head_tensors(head: nn.Module) -> list[torch.Tensor]:
+    out = [head.fc.weight, *_bn_tensors(head.bn)]
+    if isinstance(head, GDCHead):
+        out += [head.gdc.weight, *_bn_tensors(head.gdc_bn)]
+    return out
+
+
+def _fold_head(head: nn.Module) -> tuple[tuple[torch.Tensor | None, torch.Tensor], torch.Tensor]:
+    """((gdc weight C x k x k or None, linear weight), bias) of the eval head: BN1d folded into the
+    linear layer, the GDC's BN into both (bn(fc(s * z + t)) = (s2 W s) z + s2 (W t - mean) + beta)."""
+    bn = head.bn
+    s2 = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    w = head.fc.weight * s2[:, None]
+    b = bn.bias - bn.running_mean * s2
+    gdc = None
+    if isinstance(head, GDCHead):
+        g = head.gdc_bn
+        s1 = g.weight * torch.rsqrt(g.running_var + g.eps)
+        t1 = g.bias - g.running_mean * s1
+        b = b + w @ t1
+        w = w * s1[None, :]
+        gdc = head.gdc.weight[:, 0]
+    return (gdc, w), b
 
 
 def build_model(spec: ArchSpec) -> MobileNetV2:

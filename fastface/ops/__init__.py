@@ -3,12 +3,18 @@ from __future__ import annotations
 
 from fastface.ops.dispatch import BACKENDS, BackendUnavailable, FusedOp, forced_backend, use_backend
 from fastface.ops.dwconv import dwconv2d, dwconv2d_reference
-from fastface.ops.ir_block import ir_block, ir_block_reference
+from fastface.ops.dwconv_bn_act import (
+    DwConvBNActFunction, dwconv_bn_act, dwconv_bn_act_backward, dwconv_bn_act_backward_reference,
+    dwconv_bn_act_reference,
+)
+from fastface.ops.ir_block import MemoFusedOp, ir_block, ir_block_reference, pack_ir_weights
 from fastface.ops.sched import SchedParams, sched_step, sched_step_reference
 
 __all__ = [
-    "BACKENDS", "BackendUnavailable", "FusedOp", "forced_backend", "use_backend",
+    "BACKENDS", "BackendUnavailable", "FusedOp", "MemoFusedOp", "forced_backend", "use_backend",
     "dwconv2d", "dwconv2d_reference",
-    "ir_block", "ir_block_reference",
+    "DwConvBNActFunction", "dwconv_bn_act", "dwconv_bn_act_backward", "dwconv_bn_act_backward_reference",
+    "dwconv_bn_act_reference",
+    "ir_block", "ir_block_reference", "pack_ir_weights",
     "SchedParams", "sched_step", "sched_step_reference",
 ]

@@ -13,17 +13,67 @@ biases one per output channel. The output keeps x's memory layout (channels_last
 `ir_block_reference` below defines the semantics every backend is tested against. The
 gradient of the op recomputes the expanded tensors from x in backward instead of storing
 them (`ir_block_backward_reference`).
+
+Weight layout: any strides are accepted. The C++ CPU kernel (csrc/cpu/ir_block.cpp) reads
+w_expand and w_proj transposed and w_dw channel-last; passing them as views of tensors already
+in that layout (`pack_ir_weights`) skips its per-call packing copy, which is what the model
+does with its cached folded weights.
 """
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fastface._ext import HAS_EXT, has_op
 from fastface.ops._common import like_input
-from fastface.ops.dispatch import FusedOp, triton_reasons
+from fastface.ops.dispatch import FusedOp, forced_backend, triton_reasons
 
 OP = "fastface::ir_block"
+
+
+def _signature(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return (tuple(a.shape), a.dtype, a.device)
+    return a
+
+
+@dataclass
+class MemoFusedOp(FusedOp):
+    """A FusedOp that remembers its backend choice per call signature.
+
+    The support checks only read shapes, dtypes, devices and scalar arguments, so the choice is
+    cached under those (plus the forced backend and TRITON_INTERPRET): a network's forward
+    then pays a dict lookup per op instead of ~60 us of Python checks (measured per block at
+    batch 1, where a whole block runs in ~50 us). Failed selections are not cached: they raise.
+    """
+
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def register(self, backend, supports):
+        """As FusedOp.register; forgets remembered choices."""
+        self._memo.clear()
+        return super().register(backend, supports)
+
+    def select(self, *args: Any, **kwargs: Any) -> str:
+        """The backend that would run this call (remembered per signature)."""
+        if kwargs or torch.compiler.is_compiling():
+            return super().select(*args, **kwargs)
+        key = (forced_backend(), os.environ.get("TRITON_INTERPRET"), *map(_signature, args))
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable argument: nothing to remember
+            return super().select(*args)
+        choice = super().select(*args)
+        if len(self._memo) > 4096:
+            self._memo.clear()
+        self._memo[key] = choice
+        return choice
 
 
 def ir_block_reference(x: torch.Tensor, w_expand: torch.Tensor | None, b_expand: torch.Tensor | None,
@@ -44,6 +94,13 @@ def ir_block_out_shape(x: torch.Tensor, w_dw: torch.Tensor, w_proj: torch.Tensor
     k = w_dw.shape[-1]
     p = k // 2
     return (x.shape[0], w_proj.shape[0], (x.shape[2] + 2 * p - k) // stride + 1, (x.shape[3] + 2 * p - k) // stride + 1)
+
+
+def pack_ir_weights(w_expand: torch.Tensor | None, w_dw: torch.Tensor, w_proj: torch.Tensor
+                    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The same weights (same shapes and values) as views in the C++ kernel's native layout."""
+    we = w_expand.t().contiguous().t() if w_expand is not None else None
+    return we, w_dw.permute(1, 2, 0).contiguous().permute(2, 0, 1), w_proj.t().contiguous().t()
 
 
 def ir_block_problems(x, w_expand, b_expand, w_dw, b_dw, w_proj, b_proj, stride, residual, groups) -> list[str]:
@@ -101,8 +158,21 @@ def ir_block_backward_reference(grad: torch.Tensor, inputs: tuple, needs: tuple[
     return tuple(next(got) if t is not None and n else None for t, n in zip(leaves, needs))
 
 
+_KERNELS: dict[tuple[str, str], bool] = {}
+
+
+def kernel_for(op: str, key: str) -> bool:
+    """Whether the extension registered a kernel for `op` (e.g. "fastface::ir_block") under dispatch key `key`."""
+    # Registrations happen when fastface._C is imported, before any call: cache the answer.
+    hit = _KERNELS.get((op, key))
+    if hit is None:
+        name = op.split("::")[1]
+        hit = _KERNELS[(op, key)] = has_op(name) and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    return hit
+
+
 def _kernel_for(key: str) -> bool:
-    return has_op("ir_block") and torch._C._dispatch_has_kernel_for_dispatch_key(OP, key)
+    return kernel_for(OP, key)
 
 
 if has_op("ir_block"):
@@ -142,8 +212,17 @@ def _ext_reasons(key: str, device_type: str, dtypes: tuple[torch.dtype, ...]):
     return reasons
 
 
+def interpreter_reasons(x: torch.Tensor) -> list[str]:
+    """Why Triton should not run on CPU tensors unless forced: TRITON_INTERPRET is for testing
+    kernels (numpy, ~1000x slower than the C++ kernels), not for automatic selection."""
+    if not x.is_cuda and forced_backend() != "triton":
+        return ["CPU tensors run the Triton interpreter only when forced (FASTFACE_BACKEND=triton)"]
+    return []
+
+
 def _triton_reasons(x, *rest) -> list[str]:
     why = ir_block_problems(x, *rest) + triton_reasons(x)
+    why = why or interpreter_reasons(x)
     if not why:
         import importlib.util
 
@@ -152,7 +231,7 @@ def _triton_reasons(x, *rest) -> list[str]:
     return why
 
 
-ir_block = FusedOp("ir_block")
+ir_block = MemoFusedOp("ir_block")
 ir_block.__doc__ = ("Fused inverted-residual block, BN folded, G branches at once: ir_block(x, w_expand, b_expand, "
                     "w_dw, b_dw, w_proj, b_proj, stride, residual, groups).")
 
@@ -168,7 +247,13 @@ def _ir_block_ext(x, w_expand, b_expand, w_dw, b_dw, w_proj, b_proj, stride, res
 def _ir_block_triton(x, w_expand, b_expand, w_dw, b_dw, w_proj, b_proj, stride, residual, groups):
     from fastface.kernels.ir_block import ir_block_triton
 
-    return ir_block_triton(x, w_expand, b_expand, w_dw, b_dw, w_proj, b_proj, stride, residual, groups)
+    # The Triton kernel indexes weights as contiguous tensors; a caller may hold the C++ kernel's
+    # packed (transposed) views, which need this copy (contiguous weights pass through as they are).
+    def c(t):
+        return t.contiguous() if t is not None else None
+
+    return ir_block_triton(x, c(w_expand), c(b_expand), c(w_dw), c(b_dw), c(w_proj), c(b_proj), stride, residual,
+                           groups)
 
 
 ir_block.register("reference", ir_block_problems)(ir_block_reference)
