@@ -61,6 +61,11 @@ def test_closed_form_cost_matches_module_count(spec):
     c = count(spec)
     assert spec_cost(spec) == (c.params, c.macs)
     assert c.params == sum(p.numel() for p in build_model(spec).parameters())
+    # Every layer reports its real output, split branches too (they run grouped, not module by module).
+    layers = {li.index: li for li in spec.layers()}
+    for lc, li in zip([lc for lc in c.layers if lc.name.startswith(("stem", "block"))],
+                      [layers[i] for i in sorted(layers) for _ in range(len(spec.inputs) if i < spec.split else 1)]):
+        assert (lc.cout, lc.out_size) == (li.cout, (li.size_out, li.size_out)), lc
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -71,8 +71,11 @@ def count(model_or_spec: nn.Module | ArchSpec, input_size: int | None = None) ->
     outs: dict[nn.Module, torch.Tensor] = {}
     hooks = []
 
+    leaf_out: dict[nn.Module, tuple[int, torch.Size]] = {}  # leaf -> (call order, output shape)
+
     def leaf_hook(m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
         macs_by_module[m] = macs_by_module.get(m, 0) + _module_macs(m, out)
+        leaf_out[m] = (len(leaf_out), out.shape)
 
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -94,13 +97,19 @@ def count(model_or_spec: nn.Module | ArchSpec, input_size: int | None = None) ->
     layers = []
     for name, m in named:
         o = outs.get(m)
+        shape = o.shape if o is not None else None
+        if shape is None:
+            # Split branches run grouped (one conv over all modalities) and skip their modules'
+            # forward; the layer's own conv still ran, so its last one gives the output shape.
+            ran = [leaf_out[sub] for sub in m.modules() if sub in leaf_out]
+            shape = max(ran, key=lambda r: r[0])[1] if ran else None
         params = sum(p.numel() for p in m.parameters())
         macs = sum(macs_by_module.get(sub, 0) for sub in m.modules())
         kind = type(m).__name__
         cin_l = getattr(m, "cin", None) or _first_in_channels(m)
-        cout_l = o.shape[1] if o is not None else 0
+        cout_l = shape[1] if shape is not None else 0
         stride = getattr(m, "stride", None) or _first_stride(m)
-        osz = tuple(o.shape[2:]) if o is not None and o.dim() == 4 else (1, 1)
+        osz = tuple(shape[2:]) if shape is not None and len(shape) == 4 else (1, 1)
         layers.append(LayerCost(name, kind, cin_l, cout_l, stride, osz, params, macs))
     return Cost(count_params(model), total_macs, layers)
 
