@@ -252,3 +252,12 @@ def test_task_pool_runs_are_correct_and_deterministic(threads):
     same = dwconv_bn_act_backward_reference(gy, x, w, g, b, outs[0][1], outs[0][2], s, True)
     for fast, t32, r in zip(grads[0], same, ref):
         assert_fast_within_torch_error(fast, t32, r, floor=1e-5)
+
+
+@pytest.mark.parametrize("k,s,problem", [(7, 1, "kernel size 7"), (1, 2, "kernel size 1"), (3, 3, "stride 3"),
+                                         (3, 1, None), (5, 2, None)])
+def test_cuda_backend_states_the_shapes_its_kernel_lacks(k, s, problem):
+    """The CUDA kernel is instantiated for k in {3, 5} and strides 1, 2: others fall back, saying why."""
+    why = dwconv_bn_act.reasons(*_inputs((1, 4, 8, 8, k, s), torch.float32, 0)[:4], s, EPS, True)["cuda"]
+    shape_why = [w for w in why if w.startswith(("kernel size", "stride"))]
+    assert shape_why == ([] if problem is None else [f"{problem} (CUDA kernel: {'3 or 5' if 'kernel' in problem else '1 or 2'})"])

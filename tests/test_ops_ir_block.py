@@ -225,3 +225,10 @@ def test_gpu_backends_match_reference(backend, shape):
     with use_backend(backend):
         y = ir_block(*dev)
     assert_fast_within_torch_error(y.cpu(), ir_block_reference(*args), _ref64(args))
+
+
+@pytest.mark.parametrize("k,problem", [(9, "kernel size 9 (CUDA kernel: at most 7)"), (7, None), (3, None)])
+def test_cuda_backend_states_the_kernel_sizes_it_lacks(k, problem):
+    """The CUDA kernel handles k <= 7: larger kernels fall back, saying why."""
+    why = ir_block.reasons(*_inputs((1, 1, 4, 8, 4, 9, 9, k, 1, True, False), torch.float32, 0))["cuda"]
+    assert [w for w in why if w.startswith("kernel size")] == ([] if problem is None else [problem])

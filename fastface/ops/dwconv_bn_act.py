@@ -148,6 +148,13 @@ def _ext_reasons(key: str, device_type: str):
         dtypes = _FAST_DTYPES[device_type.replace("cpu", "cpp")]
         if x.dtype not in dtypes:
             why.append(f"dtype {x.dtype} ({'/'.join(str(d).replace('torch.', '') for d in dtypes)} only)")
+        if device_type == "cuda":
+            # csrc/cuda/dwconv_bn_act.cu instantiates k in {3, 5} and strides 1 and 2 only.
+            weight, stride = rest[0], rest[3]
+            if weight.shape[-1] not in (3, 5):
+                why.append(f"kernel size {weight.shape[-1]} (CUDA kernel: 3 or 5)")
+            if stride not in (1, 2):
+                why.append(f"stride {stride} (CUDA kernel: 1 or 2)")
         return why
 
     return reasons

@@ -207,6 +207,9 @@ def _ext_reasons(key: str, device_type: str, dtypes: tuple[torch.dtype, ...]):
             why.append(f"tensor on {x.device}, not {device_type}")
         if x.dtype not in dtypes:
             why.append(f"dtype {x.dtype} ({'/'.join(str(d).replace('torch.', '') for d in dtypes)} only)")
+        if device_type == "cuda":
+            if rest[2].shape[-1] > 7:  # kMaxK in csrc/cuda/ir_block.cu (strides: ir_block_problems)
+                why.append(f"kernel size {rest[2].shape[-1]} (CUDA kernel: at most 7)")
         return why
 
     return reasons
