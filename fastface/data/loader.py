@@ -251,6 +251,19 @@ class _EpochBatches(torch.utils.data.Sampler):
         return len(self.loader.order) - self.loader._start
 
 
+def _worker_context():
+    """The start method for loader workers: forkserver where the platform has it (POSIX), else the default."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return None
+    ctx = mp.get_context("forkserver")
+    # The server imports this module (and torch) once, so workers start fast; and not the
+    # caller's __main__ (the default), so a script without a main guard is not run again.
+    ctx.set_forkserver_preload(["fastface.data.loader"])
+    return ctx
+
+
 def _worker_init(_: int) -> None:
     import cv2
 
@@ -272,7 +285,10 @@ class TorchLoader(FaceLoader):
             self.dataset, batch_size=None, sampler=_EpochBatches(self), num_workers=w,
             pin_memory=cfg.pin_memory and torch.cuda.is_available(), worker_init_fn=_worker_init if w else None,
             persistent_workers=w > 0, prefetch_factor=cfg.prefetch if w else None,
-            multiprocessing_context=("fork" if os.name == "posix" else None) if w else None,
+            # forkserver, not fork: a process that already runs DALI, OpenMP or our kernels' thread
+            # pools can hold one of their locks at fork time, and a forked worker then waits on it
+            # forever (seen as a hung worker in a futex wait); the server forks from a clean process.
+            multiprocessing_context=_worker_context() if w else None,
         )
 
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:

@@ -17,7 +17,8 @@ Difficulty: ``SynthConfig`` holds every knob (pose ranges, expression, lighting,
 occlusion rate, translation/scale jitter) and ``difficulty`` scales all nuisances at once;
 ``id_scale`` spreads identities further apart (easier). Presets: ``demo`` (300 identities x
 40, learnable by a small CNN in ~25k samples on a CPU: bench/results/probe_study.md),
-``small`` (2,000 x 30), ``full`` (10,000 x 50), ``tiny`` (tests). Depth is stored as in
+``small`` (2,000 x 30), ``full`` (10,000 x 50), ``search`` (60 x 20, easier: search demos),
+``tiny`` (tests). Depth is stored as in
 ``fastface.data.codec`` (16-bit, 0 = no measurement, nearer is brighter), as a PGM by
 default (``depth_format``: fast to decode) or a PNG (compact).
 
@@ -100,13 +101,17 @@ PRESETS: dict[str, dict] = {
     "demo": dict(n_ids=300, samples_per_id=40, val_ids=100, val_pairs=600, test_ids=100, test_pairs=600),
     "small": dict(n_ids=2000, samples_per_id=30, val_ids=300, val_pairs=3000, test_ids=300, test_pairs=3000),
     "full": dict(n_ids=10000, samples_per_id=50, val_ids=1000, val_pairs=6000, test_ids=1000, test_pairs=6000),
+    # For search demos: easier (nuisances at 0.4, identities spread 2.5x) and small, so that
+    # candidates trained for ~100 steps on a CPU separate well above chance (bench/test_bench_search.py).
+    "search": dict(n_ids=60, samples_per_id=20, val_ids=30, val_pairs=300, test_ids=30, test_pairs=300,
+                   difficulty=0.4, id_scale=2.5),
     # For tests: seconds to make.
     "tiny": dict(n_ids=8, samples_per_id=6, val_ids=6, val_pairs=20, test_ids=6, test_pairs=20),
 }
 
 
 def preset(name: str, **overrides: object) -> SynthConfig:
-    """The named preset (demo, small, full, tiny) with fields overridden."""
+    """The named preset (demo, small, full, search, tiny) with fields overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown synth preset {name!r}; choose from {sorted(PRESETS)}")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(SynthConfig)}
