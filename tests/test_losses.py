@@ -37,6 +37,39 @@ def test_arcface_and_cosface_formulas():
     assert torch.allclose(out[0], cos[0])
 
 
+def test_arcface_easy_margin_applies_only_where_cos_is_positive():
+    cos = torch.tensor([[0.3], [-0.2]], dtype=torch.float64)
+    labels = torch.tensor([0, 0])
+    out = CombinedMarginLoss(64, 1.0, 0.5, 0.0, easy_margin=True)(cos, labels) / 64
+    assert out[0, 0].item() == pytest.approx(math.cos(math.acos(0.3) + 0.5))
+    assert out[1, 0].item() == pytest.approx(-0.2)  # cos <= 0: no margin (the threshold form would apply one)
+    hard = arcface()(cos, labels) / 64
+    assert hard[1, 0].item() == pytest.approx(math.cos(math.acos(-0.2) + 0.5))
+
+
+def test_partial_fc_logits_are_float32_under_autocast(monkeypatch):
+    torch.manual_seed(0)
+    pfc = PartialFC(arcface(), 16, 20)
+    emb = torch.randn(6, 16)
+    labels = torch.randint(0, 20, (6,))
+    seen = []
+    linear = F.linear
+
+    def spy(x, w, *a):
+        out = linear(x, w, *a)
+        seen.append(out.dtype)  # autocast would cast inside the op: look at what comes out
+        return out
+
+    monkeypatch.setattr(F, "linear", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pfc(emb.bfloat16(), labels)
+    monkeypatch.undo()
+    assert seen == [torch.float32]
+    assert pfc.weight.dtype == torch.float32 and loss.dtype == torch.float32
+    # The same value as the fp32 loss of the bf16-rounded embeddings: nothing else was rounded.
+    torch.testing.assert_close(loss, pfc(emb.bfloat16().float(), labels), rtol=0, atol=0)
+
+
 def test_margin_gradcheck():
     cos = (torch.rand(4, 6, dtype=torch.float64) * 1.8 - 0.9).requires_grad_()
     labels = torch.tensor([0, 5, -1, 2])

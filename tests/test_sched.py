@@ -11,10 +11,23 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from _sched_helpers import loss_stream
+from fastface._ext import has_op
 from fastface.ops import use_backend
-from fastface.sched import FastFaceScheduler, patience_steps
+from fastface.sched import FastFaceScheduler, patience_steps, rescale_to_run
 
 BASE_LR = 0.02
+
+
+@pytest.fixture(autouse=True)
+def _cpu_op_backend():
+    """Device mode on CPU runs the C++ op, as training on a CPU does.
+
+    conftest sets TRITON_INTERPRET=1, which would otherwise route every CPU step through the
+    Triton interpreter (~3 ms a step instead of ~10 us); that backend is checked against the
+    C++ one in test_sched_op.py. Tests that name a backend override this inside their block.
+    """
+    with use_backend("cpp" if has_op("fastface_sched_step") else "reference"):
+        yield
 
 
 def make(total_steps=100, groups=(BASE_LR,), fused=True, momentum=0.9, **kw):
@@ -71,6 +84,7 @@ def test_falling_loss_never_halves(mode, slope, noise):
         sched.optimizer._opt_called = True
         sched.step(as_loss(L, mode))
     st = sched.stats()
+    assert sched.backend == (None if mode == "host" else "cpp" if has_op("fastface_sched_step") else "reference")
     assert st["halvings"] == 0.0 and sched.get_last_lr()[0] == pytest.approx(BASE_LR)
     assert st["s1"] == pytest.approx(slope, rel=0.05)  # the smoothed drop tracks the true slope
 
@@ -319,3 +333,19 @@ def test_get_last_lr_is_lazy_floats():
     lrs = sched.get_last_lr()
     assert all(isinstance(x, float) for x in lrs) and len(lrs) == 2
     assert sched.lr_tensor().dtype == torch.float32 and not math.isnan(lrs[0])
+
+
+def test_rescale_to_run_keeps_time_scales_a_fraction_of_the_run():
+    assert rescale_to_run(1e-3, 2e-3, 5e-5, 25_000, 25_000) == (1e-3, 2e-3, 5e-5)
+    a, b, lam = rescale_to_run(1e-3, 2e-3, 5e-5, 250, 25_000)
+    assert (a, b, lam) == pytest.approx((0.1, 0.2, 5e-3))
+    assert rescale_to_run(0.5, 1e-3, 5e-5, 10, 25_000)[0] == 1.0  # an EMA weight cannot pass 1
+    with pytest.raises(ValueError, match="must be >= 1"):
+        rescale_to_run(1e-3, 1e-3, 5e-5, 0, 25_000)
+    from fastface.train.config import SchedConfig
+    from fastface.train.schedules import build_scheduler
+
+    _, opt, _ = make()
+    sched = build_scheduler(SchedConfig(reference_steps=25_000), opt, total_steps=500)
+    assert (sched.alpha, sched.beta, sched.lambd) == pytest.approx((0.05, 0.05, 2.5e-3))
+    assert sched.patience == 25  # tau is already a fraction of the run

@@ -1,6 +1,8 @@
 """Baseline schedules against torch's / insightface's, and the naive O(m) Haar detector."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,38 @@ def test_naive_and_fastface_agree_on_a_plateau_after_a_drop():
     assert naive_first is not None and ff_first is not None
     assert 3000 + 300 + 500 < naive_first <= 3000 + 400 + 501
     assert 3000 + 7000 + 500 < ff_first < 3000 + 8000 + 500
+
+
+def _expected_trace(name: str, base: float = 0.1, w: int = 4, total: int = 20) -> list[float]:
+    """LR of optimiser steps 0..total by the closed forms (flat loss for FastFace: T = 1)."""
+    out = []
+    for k in range(total + 1):
+        ramp = base * min(1.0, (k + 1) / w)
+        if name == "constant":
+            out.append(ramp)
+        elif name == "step":
+            out.append(ramp * (0.1 if k >= total // 2 else 1.0))
+        elif name == "cosine":
+            out.append(ramp if k < w else base * (1 + math.cos(math.pi * (k - w) / (total - w))) / 2)
+        elif name == "poly":  # insightface: base at step 0, then k/w, then (1 - progress)^2
+            out.append(base if k == 0 else base * k / w if k <= w else base * (1 - (k - w) / (total - w)) ** 2)
+        else:  # decisions from the w-th loss on, a halving every T + 1 = 2 losses, at most 8
+            out.append(ramp / 2 ** min(8, max(0, (k - w) // 2)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["fastface", "poly", "step", "cosine", "constant"])
+def test_build_scheduler_makes_the_configured_schedule(name):
+    from fastface.train.config import SchedConfig
+    from fastface.train.schedules import build_scheduler
+
+    cfg = SchedConfig(name=name, warmup_steps=4, milestones=(0.5,), gamma=0.1, power=2.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, fused=True)
+    sched = build_scheduler(cfg, opt, total_steps=20)
+    assert isinstance(sched, FastFaceScheduler) == (name == "fastface")
+    lrs = [float(opt.param_groups[0]["lr"])]
+    for _ in range(20):
+        opt._opt_called = True
+        sched.step(torch.tensor(1.0)) if name == "fastface" else sched.step()
+        lrs.append(float(opt.param_groups[0]["lr"]))
+    np.testing.assert_allclose(lrs, _expected_trace(name), rtol=1e-6, atol=1e-12)

@@ -3,6 +3,7 @@ non-finite losses, gradient accumulation, and torchrun restarts."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -43,7 +44,8 @@ def final_weights(out: str) -> dict[str, torch.Tensor]:
 
 def test_train_writes_everything(tiny_set, tmp_path):
     out = str(tmp_path / "run")
-    cfg = load_train_config("configs/demo.yaml", tiny_overrides(tiny_set, out, "run.plot=true"))
+    cfg = load_train_config("configs/demo.yaml", tiny_overrides(tiny_set, out, "run.plot=true", "run.tensorboard=true",
+                                                                "run.eval_every=4"))
     t = Trainer(cfg)
     try:
         m = t.fit()
@@ -59,6 +61,12 @@ def test_train_writes_everything(tiny_set, tmp_path):
     from fastface.train.checkpoint import complete_steps
 
     assert complete_steps(os.path.join(out, "ckpt"))[-1] == 12
+    assert [e["step"] for e in t.eval_history] == [4, 8, 12]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tb")))
+    # Evaluations and checkpoints inside the loop are left out of the training time and samples/s.
+    assert all(0 < h["train_s"] <= h["elapsed_s"] for h in t.history)
+    assert t.history[-1]["elapsed_s"] - t.history[-1]["train_s"] == pytest.approx(t._paused, abs=1e-6)
+    assert t._paused > 0 and m["train_s"] == t.history[-1]["train_s"]
 
 
 def _run_cli(args: list[str], **kw) -> subprocess.Popen:
@@ -140,9 +148,13 @@ def test_grad_accumulation_averages_micro_batches(tiny_set, tmp_path):
         a, b = next(it), next(it)
         params = list(t.model.parameters()) + list(t.pfc.parameters())
         refs = []
+        from fastface.models.mobilenetv2 import fused_train
+
         for x, y in (a, b):
             t.model.train()
-            loss = t.pfc(t.model(x), y)
+            with fused_train(t.fused_train):  # the same kernels as the trainer's step
+                emb = t.model(x)
+            loss = t.pfc(emb, y)
             refs.append(torch.autograd.grad(loss, params))
         captured = []
         t.optimizer.zero_grad = lambda set_to_none=True: captured.append([p.grad.clone() for p in params])
@@ -176,3 +188,119 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(tiny_set, tmp_path):
     with open(os.path.join(out, "metrics.json")) as f:
         m = json.load(f)
     assert m["step"] == 18  # 48 images / (4 x 2 ranks) x 3 epochs
+
+
+@pytest.mark.parametrize("extra", [
+    ["run.amp=bf16"], ["run.amp=bf16", "run.fused=false"], ["run.amp=fp16"], ["run.amp=fp16", "run.fused=false"],
+    ["optim.name=adamw", "optim.lr=1e-3"], ["run.channels_last=true", "sched.name=poly", "sched.warmup_steps=1"]],
+    ids=["bf16", "bf16-unfused", "fp16", "fp16-unfused", "adamw", "channels_last-poly"])
+def test_precisions_optimisers_and_schedules_train(tiny_set, tmp_path, extra):
+    cfg = load_train_config("configs/demo.yaml", tiny_overrides(tiny_set, str(tmp_path / "p"), "eval.sets=[]",
+                                                                "run.ckpt_every=0", *extra))
+    t = Trainer(cfg)
+    try:
+        before = [p.detach().clone() for p in t.model.parameters()]
+        m = t.fit()
+    finally:
+        t.close()
+    assert m["step"] == 12 and m["nonfinite_steps"] == 0
+    assert all(math.isfinite(h["loss"]) for h in t.history)
+    fp16 = "run.amp=fp16" in extra
+    assert (t.scaler is not None) == fp16  # fp16 needs loss scaling, bf16 does not
+    # fp16: the scaler starts at 2^16 and skips steps whose gradients overflow (counted apart).
+    assert (m["overflow_steps"] < 12) if fp16 else (m["overflow_steps"] == 0)
+    assert type(t.optimizer).__name__ == ("AdamW" if "optim.name=adamw" in extra else "SGD")
+    assert t.fused_optimizer and t.optimizer.defaults["fused"]
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+
+
+def test_grad_clipping_bounds_the_global_norm(tiny_set, tmp_path):
+    cfg = load_train_config("configs/demo.yaml", tiny_overrides(tiny_set, str(tmp_path / "clip"),
+                                                                "optim.clip_grad=0.01", "eval.sets=[]"))
+    t = Trainer(cfg)
+    try:
+        t.loader.set_epoch(0)
+        batch = next(iter(t.loader))
+        norms = []
+        real_step = t.optimizer.step
+
+        def step_and_measure(*a, **k):
+            grads = [p.grad for g in t.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+            return real_step(*a, **k)
+
+        t.optimizer.step = step_and_measure
+        t.train_step([batch])
+        assert norms[0] == pytest.approx(0.01, rel=1e-4)  # the raw norm of this loss is far above 0.01
+    finally:
+        t.close()
+
+
+def test_shared_bn_buffers_train_exactly_like_separate_ones():
+    from fastface.arch import ArchSpec
+    from fastface.losses import PartialFC, arcface
+    from fastface.models import build_model
+    from fastface.train.trainer import share_bn_buffers
+
+    x = torch.randn(6, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    states = []
+    for shared in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ArchSpec.face(split=1, width=0.25, embedding=16, input_size=32)).train()
+        flats = share_bn_buffers(model) if shared else []
+        pfc = PartialFC(arcface(), 16, 3)
+        opt = torch.optim.SGD(list(model.parameters()) + list(pfc.parameters()), lr=0.1, momentum=0.9)
+        for _ in range(3):  # the backward needs each layer's saved tensors unbumped by other layers' updates
+            opt.zero_grad()
+            pfc(model(x), y).backward()
+            opt.step()
+        states.append(model.state_dict())
+        if shared:
+            bn = model.trunk[0].dw.bn
+            assert bn.running_mean.untyped_storage().data_ptr() == flats[0].untyped_storage().data_ptr()
+            assert [f.dtype for f in flats] == [torch.float32, torch.int64]
+            snapshot = [f.clone() for f in flats]
+            model(x)  # a forward in training mode moves the running statistics inside the flat tensors
+            assert not any(torch.equal(a, f) for a, f in zip(snapshot, flats))
+            for a, f in zip(snapshot, flats):  # ... and restoring the flat tensors restores every layer
+                f.copy_(a)
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_a_skipped_first_step_leaves_the_next_step_exact(tiny_set, tmp_path):
+    """A non-finite first step changes nothing: the next step equals a fresh trainer's first step.
+
+    (torch's fused SGD leaves its momentum buffers uninitialised when found_inf skips its first
+    step; the trainer zero-initialises them.)"""
+    states = []
+    for skip_first in (False, True):
+        cfg = load_train_config("configs/demo.yaml", tiny_overrides(tiny_set, str(tmp_path / f"s{skip_first}"),
+                                                                    "eval.sets=[]", "run.ckpt_every=0",
+                                                                    "sched.name=constant", "sched.warmup_steps=0"))
+        t = Trainer(cfg)
+        try:
+            t.loader.set_epoch(0)
+            x, y = next(iter(t.loader))
+            if skip_first:
+                t.train_step([(torch.full_like(x, float("nan")), y)])
+                assert int(t.stats.nonfinite_total) == 1
+            t.train_step([(x, y)])
+            states.append({k: v.clone() for k, v in t.model.state_dict().items()})
+        finally:
+            t.close()
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+@pytest.mark.parametrize("extra,fused", [([], False), (["run.fused=true"], True), (["run.compile=true"], True),
+                                         (["run.fused=false", "run.compile=true"], False)])
+def test_fused_training_kernels_where_they_pay(tiny_set, tmp_path, extra, fused):
+    """run.fused auto: plain modules in eager mode on the CPU (measured faster), fused kernels under compile."""
+    cfg = load_train_config("configs/demo.yaml", tiny_overrides(tiny_set, str(tmp_path / "f"), "eval.sets=[]", *extra))
+    t = Trainer(cfg)
+    try:
+        assert t.device.type == "cpu" and t.fused_train is fused
+    finally:
+        t.close()

@@ -136,6 +136,15 @@ def _update_running_stats(bns: Sequence[nn.BatchNorm2d], mean: torch.Tensor, inv
             off += c
 
 
+def _fused_input(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the fused training kernels take x as it comes: same dtype as the weights, no autocast.
+
+    Under autocast the plain modules run the convolutions in the low precision (the fused kernels
+    are fp32/fp64 on the CPU and would change the numerics), so the plain path is kept there.
+    """
+    return x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type)
+
+
 def _check_batch(shape: Sequence[int]) -> int:
     # The same check (and message) as F.batch_norm in training.
     count = shape[0] * shape[2] * shape[3]
@@ -159,7 +168,7 @@ class ConvBNAct(_FoldCacheOwner):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            if _FUSED_TRAIN[-1] and self._fuses_dw():
+            if _FUSED_TRAIN[-1] and self._fuses_dw() and _fused_input(x, self.conv.weight):
                 return self.forward_fused(x)
         elif (_FOLDED_EVAL[-1] and _bn_folds(self.bn) and isinstance(self.act, (nn.ReLU6, nn.Identity))
               and self.conv.padding_mode == "zeros"):
@@ -410,7 +419,7 @@ class MobileNetV2(_FoldCacheOwner):
         if x.dim() != 4 or x.shape[1] != self.spec.in_channels:
             raise ValueError(f"{self.spec.name}: expected input N x {self.spec.in_channels} x H x W "
                              f"({'+'.join(f'{m}:{c}' for m, c in self.spec.inputs.items())}), got {tuple(x.shape)}")
-        if self.branches is not None and self._branches_grouped():
+        if self.branches is not None and self._branches_grouped(x):
             x = self._grouped_branches(x)
         elif self.branches is not None:
             outs = []
@@ -441,7 +450,7 @@ class MobileNetV2(_FoldCacheOwner):
     def _branch_blocks(self, j: int) -> list[InvertedResidual]:
         return [self.branches[m][j] for m in self.modalities]
 
-    def _branches_grouped(self) -> bool:
+    def _branches_grouped(self, x: torch.Tensor) -> bool:
         """Whether the branches run as grouped calls (see the module docstring)."""
         k = self.spec.split
         blocks = [self._branch_blocks(j) for j in range(1, k)]
@@ -450,7 +459,8 @@ class MobileNetV2(_FoldCacheOwner):
             return (_FOLDED_EVAL[-1] and all(_blocks_fold(bs) for bs in blocks)
                     and all(not s.training and _bn_folds(s.bn) and s.conv.padding_mode == "zeros" for s in stems)
                     and len({type(s.act) for s in stems}) == 1 and isinstance(stems[0].act, (nn.ReLU6, nn.Identity)))
-        return k >= 2 and _FUSED_TRAIN[-1] and all(_blocks_train_grouped(bs) for bs in blocks)
+        return (k >= 2 and _FUSED_TRAIN[-1] and _fused_input(x, self.branches[self.modalities[0]][0].conv.weight)
+                and all(_blocks_train_grouped(bs) for bs in blocks))
 
     def _stems_folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """All branch stems as one conv over the stacked input (eval, BN folded).

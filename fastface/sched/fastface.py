@@ -105,6 +105,24 @@ def python_lr_scale(st: list[float], p: SchedParams) -> float:
     return st[FACTOR] * warm
 
 
+def rescale_to_run(alpha: float, beta: float, lambd: float, total_steps: int,
+                   reference_steps: int) -> tuple[float, float, float]:
+    """(alpha, beta, lambd) for a run of total_steps, from values meant for a run of reference_steps.
+
+    The detector's time scales are 1/alpha and 1/beta steps (the two EMAs) and T = tau*total_steps
+    (the patience); lambd is a loss drop per step. The reference defaults (alpha = beta = 1e-3,
+    lambd = 5e-5) belong to the paper's 5-epoch MS1MV3 runs (~25,000 steps at a global batch of
+    1024). Keeping every time scale the same fraction of the run multiplies alpha, beta and lambd
+    by reference_steps / total_steps (alpha and beta capped at 1): a plateau then means "at this
+    rate the loss would fall by less than lambd * reference_steps over the whole run".
+    """
+    if int(total_steps) < 1 or int(reference_steps) < 1:
+        raise ValueError(f"rescale_to_run: total_steps and reference_steps must be >= 1, got {total_steps}, "
+                         f"{reference_steps}")
+    k = int(reference_steps) / int(total_steps)
+    return min(1.0, float(alpha) * k), min(1.0, float(beta) * k), float(lambd) * k
+
+
 def patience_steps(tau: float, total_steps: int) -> int:
     """T = ceil(tau * total_steps), at least 1; tau read as the decimal it prints as (0.05*60 -> 3)."""
     return max(1, math.ceil(Fraction(repr(float(tau))) * int(total_steps)))

@@ -71,6 +71,10 @@ class SchedConfig:
     tau: float = 0.05
     delta: float = 2.0
     max_halvings: int = 8
+    # alpha, beta and lambd above are for a run of this many steps and are rescaled to the actual
+    # run length (fastface.sched.rescale_to_run); None uses them as given (the paper's defaults
+    # suit its 5-epoch MS1MV3 runs, ~25,000 steps: short runs want 25000 here)
+    reference_steps: int | None = None
     # baselines
     power: float = 2.0  # poly
     milestones: tuple[float, ...] = (0.5, 0.75, 0.9)  # step: fractions of the run
@@ -89,6 +93,11 @@ class RunConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = True
     compile: bool = False
+    # fastface's fused training kernels (fastface.models.fused_train: depthwise conv + BN + ReLU6 in one
+    # op); false: the model's plain modules. None (auto): fused where they pay, i.e. under torch.compile
+    # or on a GPU; plain modules in eager mode on the CPU, where oneDNN's depthwise conv + ATen BN/ReLU6
+    # were measured faster (bench/results/train_throughput.json: fastface / fastface_unfused).
+    fused: bool | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     deterministic: bool = False

@@ -9,10 +9,13 @@ from fastface.train.config import SchedConfig
 
 def build_scheduler(cfg: SchedConfig, optimizer: Optimizer, total_steps: int) -> LRScheduler:
     """FastFace (stepped with the loss, on device) or a baseline (stepped without arguments)."""
-    from fastface.sched import CosineDecay, FastFaceScheduler, PolyWarmup, StepDecay
+    from fastface.sched import CosineDecay, FastFaceScheduler, PolyWarmup, StepDecay, rescale_to_run
 
     if cfg.name == "fastface":
-        s = FastFaceScheduler(optimizer, total_steps, alpha=cfg.alpha, beta=cfg.beta, lambd=cfg.lambd, tau=cfg.tau,
+        alpha, beta, lambd = cfg.alpha, cfg.beta, cfg.lambd
+        if cfg.reference_steps:
+            alpha, beta, lambd = rescale_to_run(alpha, beta, lambd, total_steps, cfg.reference_steps)
+        s = FastFaceScheduler(optimizer, total_steps, alpha=alpha, beta=beta, lambd=lambd, tau=cfg.tau,
                               delta=cfg.delta, max_halvings=cfg.max_halvings, warmup_steps=cfg.warmup_steps)
         s.takes_loss = True
         return s

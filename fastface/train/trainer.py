@@ -27,6 +27,7 @@ from fastface.arch import ArchSpec
 from fastface.config_io import to_dict
 from fastface.losses import PartialFC, margin_from_name
 from fastface.models import build_model, spec_by_name, transfer_weights
+from fastface.models.mobilenetv2 import fused_train
 from fastface.train import checkpoint as ckpt
 from fastface.train import dist as fdist
 from fastface.train.config import TrainConfig
@@ -65,6 +66,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def share_bn_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Move every BatchNorm running buffer into one flat tensor per dtype (shared storage); returns the flats.
+
+    BN updates its running statistics in place during the forward, before the step knows whether
+    its loss is finite. Snapshotting and restoring a few flat tensors (one memcpy and one select
+    each) undoes a skipped step exactly, where per-buffer clones cost ~3 ops per BN layer per step.
+    Call after the model reached its device and dtype (`.to()` could copy the buffers apart); later
+    `load_state_dict` copies into the buffers in place and keeps the sharing.
+    """
+    seen: set[int] = set()
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if b is not None and id(b) not in seen:  # a buffer shared by two modules moves once
+                    seen.add(id(b))
+                    groups.setdefault((b.dtype, b.device), []).append(b)
+    flats = []
+    for members in groups.values():
+        flat = torch.cat([b.detach().reshape(-1) for b in members])
+        offset = 0
+        with torch.no_grad():
+            for b in members:
+                # set_ (not a view): each buffer keeps its own autograd version counter, so one BN
+                # layer's in-place update does not invalidate another layer's saved inputs.
+                b.set_(flat.untyped_storage(), offset, b.shape, b.stride())
+                offset += b.numel()
+        flats.append(flat)
+    return flats
+
+
 @dataclass
 class StepStats:
     """Device-side counters, read by the host only when logging."""
@@ -73,6 +105,7 @@ class StepStats:
     loss_n: torch.Tensor
     nonfinite_total: torch.Tensor
     nonfinite_run: torch.Tensor
+    overflow_total: torch.Tensor  # fp16 steps the loss scaler skipped (finite loss, overflowing gradients)
 
 
 class Trainer:
@@ -109,13 +142,18 @@ class Trainer:
             self._init_from(cfg.model.init)
         if run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.bn_flats = share_bn_buffers(self.model)
+        # run.fused None: the fused training kernels where they were measured faster (see RunConfig.fused).
+        self.fused_train = run.fused if run.fused is not None else (run.compile or self.device.type != "cpu")
         margin = margin_from_name(cfg.loss.margin, cfg.loss.s, cfg.loss.m1, cfg.loss.m2, cfg.loss.m3)
         self.pfc = PartialFC(margin, self.spec.head.dim, self.num_classes, cfg.loss.sample_rate,
                              self.dist.rank, self.dist.world_size).to(self.device)
         self.net: nn.Module = self.model
         if self.dist.distributed:
+            # Gradients as views of DDP's buckets: no copy between them after the all-reduce.
             self.net = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
         if run.compile:
             self.net = torch.compile(self.net)
 
@@ -132,10 +170,8 @@ class Trainer:
         self.scheduler = self._make_scheduler()
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[run.amp]
         self.scaler = torch.amp.GradScaler(self.device.type) if run.amp == "fp16" else None
-        self.bn_buffers = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                           for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
         z = lambda dt=torch.float32: torch.zeros((), device=self.device, dtype=dt)  # noqa: E731
-        self.stats = StepStats(z(torch.float64), z(), z(torch.int64), z(torch.int64))
+        self.stats = StepStats(z(torch.float64), z(), z(torch.int64), z(torch.int64), z(torch.int64))
         self.step = 0
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -143,6 +179,9 @@ class Trainer:
         self._val_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._tb = None
         self.elapsed_before = 0.0
+        # Wall time spent evaluating and checkpointing inside fit(): excluded from samples/s and train_s.
+        self.paused_before = 0.0
+        self._paused = 0.0
         if self.resume:
             self._load_latest()
 
@@ -173,6 +212,15 @@ class Trainer:
                     for g in groups for p in g["params"])
         if o.name == "sgd":
             opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov, fused=fused)
+            if fused and o.momentum:
+                # torch's fused SGD allocates the momentum buffers with empty_like on its first step and
+                # takes them as initialised from then on, even when found_inf skipped that step: a first
+                # step skipped as non-finite (or an fp16 overflow) left garbage momentum that the next
+                # step applied (weights blown up). Zero buffers give the same first update (dampening
+                # is 0: buf = 0 * momentum + grad = grad) and are initialised whatever is skipped.
+                for g in groups:
+                    for p in g["params"]:
+                        opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         else:
             opt = torch.optim.AdamW(groups, lr=lr, betas=o.betas, fused=fused)
         self.fused_optimizer = fused
@@ -210,8 +258,10 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "step": self.step,
             "epoch": self.epoch,
-            "stats": {k: getattr(self.stats, k).clone() for k in ("nonfinite_total", "nonfinite_run")},
+            "stats": {k: getattr(self.stats, k).clone()
+                      for k in ("nonfinite_total", "nonfinite_run", "overflow_total")},
             "elapsed": self.elapsed_before + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
+            "paused": self.paused_before + self._paused,
         }
         if self.is_main:
             st["model"] = self.model.state_dict()
@@ -250,6 +300,7 @@ class Trainer:
         for k, v in state["stats"].items():
             getattr(self.stats, k).copy_(v)
         self.elapsed_before = state.get("elapsed", 0.0)
+        self.paused_before = state.get("paused", 0.0)
         self.log(f"resumed from {path} (step {self.step}, epoch {self.epoch})")
 
     # ---- one step ----------------------------------------------------------------------
@@ -262,7 +313,7 @@ class Trainer:
         """One optimiser step over `grad_accum` batches (no host synchronisation)."""
         run = self.cfg.run
         self.net.train()
-        saved_bn = [b.clone() for b in self.bn_buffers]
+        saved_bn = [f.clone() for f in self.bn_flats]
         loss_sum = torch.zeros((), device=self.device)
         n = len(batches)
         for i, (x, y) in enumerate(batches):
@@ -274,7 +325,7 @@ class Trainer:
             if self.dist.distributed and i < n - 1:
                 sync = self.net.no_sync() if hasattr(self.net, "no_sync") else sync
             with sync:
-                with self._autocast():
+                with self._autocast(), fused_train(self.fused_train):
                     emb = self.net(x)
                 loss = self.pfc(emb, y)
                 scaled = loss / n
@@ -288,7 +339,11 @@ class Trainer:
             norm = nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad, foreach=True)
         else:
             norm = nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        bad = ~(torch.isfinite(loss_mean) & torch.isfinite(norm))
+        finite_loss = torch.isfinite(loss_mean)
+        bad = ~(finite_loss & torch.isfinite(norm))
+        # Under fp16 loss scaling, overflowing gradients with a finite loss are routine (the scaler
+        # lowers its scale and the step is skipped): they do not count towards the non-finite stop.
+        nonfinite = ~finite_loss if self.scaler is not None else bad
         if self.fused_optimizer:
             # The fused optimiser skips the whole update (weight decay and momentum too) on device.
             self.optimizer.found_inf = bad.float()
@@ -299,15 +354,16 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update()
         # BN running statistics from a non-finite forward would poison later evaluations.
-        for b, s in zip(self.bn_buffers, saved_bn):
-            b.copy_(torch.where(bad, s, b))
+        for f, s in zip(self.bn_flats, saved_bn):
+            f.copy_(torch.where(bad, s, f))
         self.scheduler.step(loss_mean) if getattr(self.scheduler, "takes_loss", False) else self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         st = self.stats
-        st.loss_sum += torch.where(bad, 0.0, loss_mean.double())
-        st.loss_n += (~bad).float()
-        st.nonfinite_total += bad.long()
-        st.nonfinite_run.copy_((st.nonfinite_run + 1) * bad.long())
+        st.loss_sum += torch.where(finite_loss, loss_mean.double(), 0.0)
+        st.loss_n += finite_loss.float()
+        st.nonfinite_total += nonfinite.long()
+        st.nonfinite_run.copy_((st.nonfinite_run + 1) * nonfinite.long())
+        st.overflow_total += (bad & ~nonfinite).long()
 
     # ---- evaluation --------------------------------------------------------------------
     def _load_val_sets(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -349,24 +405,27 @@ class Trainer:
                 f"skipped without changing the weights. Stopping. Last complete checkpoint: {last or 'none'}. "
                 f"Lower optim.lr, use run.amp=bf16 instead of fp16, or check the data.")
 
-    def _log_step(self, t_last: float, samples: int, bar) -> None:
+    def _log_step(self, t_last: float, paused_last: float, samples: int, bar) -> None:
         st = self.stats
         n = float(st.loss_n)
-        loss = float(st.loss_sum) / n if n else float("nan")  # nan: every step of the window was skipped
+        loss = float(st.loss_sum) / n if n else float("nan")  # nan: every loss of the window was non-finite
         st.loss_sum.zero_()
         st.loss_n.zero_()
         lr = float(self.scheduler.get_last_lr()[0])
-        dt = max(1e-9, time.perf_counter() - t_last)
+        dt = max(1e-9, time.perf_counter() - t_last - (self._paused - paused_last))
         sps = samples * self.dist.world_size / dt
         elapsed = self.elapsed_before + time.perf_counter() - self._t0
         done = self.step - self._start_step
         eta = (self.total_steps - self.step) * (time.perf_counter() - self._t0) / max(1, done)
         row = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "samples_per_s": sps,
-               "nonfinite": int(st.nonfinite_total), "elapsed_s": elapsed}
+               "nonfinite": int(st.nonfinite_total), "overflow": int(st.overflow_total), "elapsed_s": elapsed,
+               "train_s": elapsed - self.paused_before - self._paused}
         self.history.append(row)
         if self.is_main:
             msg = (f"step {self.step}/{self.total_steps} epoch {self.epoch} loss {loss:.4f} lr {lr:.3g} "
-                   f"{sps:.0f} samples/s eta {eta / 60:.1f} min" + (f" nonfinite {row['nonfinite']}" if row["nonfinite"] else ""))
+                   f"{sps:.0f} samples/s eta {eta / 60:.1f} min"
+                   + (f" nonfinite {row['nonfinite']}" if row["nonfinite"] else "")
+                   + (f" fp16-overflow skips {row['overflow']}" if row["overflow"] else ""))
             if bar is not None:
                 bar.console.print(f"[fastface] {msg}")
             else:
@@ -387,7 +446,7 @@ class Trainer:
                  f"world {self.dist.world_size} | {self.total_steps} steps ({self.steps_per_epoch}/epoch) | "
                  f"loader {self.loader.backend} | device {self.device}")
         bar, task = self._progress()
-        t_last, samples = time.perf_counter(), 0
+        t_last, paused_last, samples = time.perf_counter(), self._paused, 0
         batch = self.cfg.data.batch_size
         try:
             while self.step < self.total_steps:
@@ -405,14 +464,14 @@ class Trainer:
                         bar.update(task, completed=self.step)
                     last = self.step >= self.total_steps
                     if self.step % run.log_every == 0 or last:
-                        self._log_step(t_last, samples, bar)
-                        t_last, samples = time.perf_counter(), 0
+                        self._log_step(t_last, paused_last, samples, bar)
+                        t_last, paused_last, samples = time.perf_counter(), self._paused, 0
                     if self.step % min(run.log_every, max(1, run.max_nonfinite_run)) == 0 or last:
                         self._check_nonfinite()
                     if run.eval_every and self.step % run.eval_every == 0 and not last:
-                        self.evaluate()
+                        self._paused_call(self.evaluate)
                     if run.ckpt_every and self.step % run.ckpt_every == 0 and not last:
-                        self.save_checkpoint()
+                        self._paused_call(self.save_checkpoint)
                     if last:
                         break
                 else:
@@ -425,6 +484,11 @@ class Trainer:
         final = self.evaluate()
         self.save_checkpoint()
         return self._finish(final)
+
+    def _paused_call(self, fn) -> None:
+        t = time.perf_counter()
+        fn()
+        self._paused += time.perf_counter() - t
 
     def _progress(self):
         if not (self.is_main and self.cfg.run.progress and sys.stdout.isatty()):
@@ -440,10 +504,12 @@ class Trainer:
 
         params, macs = spec_cost(self.spec)
         sps = [h["samples_per_s"] for h in self.history[-5:]]
+        elapsed = self.elapsed_before + time.perf_counter() - self._t0
         metrics = {"step": self.step, "epoch": self.epoch, "verification": final, "params": params, "macs": macs,
-                   "samples_per_s": float(np.median(sps)) if sps else None,
-                   "elapsed_s": self.elapsed_before + time.perf_counter() - self._t0,
-                   "nonfinite_steps": int(self.stats.nonfinite_total), "spec": json.loads(self.spec.to_json())}
+                   "samples_per_s": float(np.median(sps)) if sps else None, "elapsed_s": elapsed,
+                   "train_s": self.history[-1]["train_s"] if self.history else None,
+                   "nonfinite_steps": int(self.stats.nonfinite_total),
+                   "overflow_steps": int(self.stats.overflow_total), "spec": json.loads(self.spec.to_json())}
         if self.is_main:
             out = self.cfg.run.output
             ckpt.save_model(os.path.join(out, "model.pt"), self.model, self.spec.to_json())
