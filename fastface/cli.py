@@ -15,7 +15,8 @@ def _data_synth(args: argparse.Namespace) -> int:
     from fastface.data.synth import generate, preset
 
     overrides = {"n_ids": args.ids, "samples_per_id": args.samples_per_id, "val_ids": args.val_ids, "val_pairs": args.val_pairs,
-                 "test_ids": args.test_ids, "test_pairs": args.test_pairs, "seed": args.seed, "difficulty": args.difficulty}
+                 "test_ids": args.test_ids, "test_pairs": args.test_pairs, "seed": args.seed, "difficulty": args.difficulty,
+                 "depth_format": args.depth_format}
     cfg = preset(args.preset, **overrides)
     out = args.out or f"data/synth-{args.preset}"
     res = generate(cfg, out, workers=args.workers, folder=args.folder, force=args.force, progress=not args.quiet)
@@ -37,12 +38,20 @@ def _data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_convert_depth(args: argparse.Namespace) -> int:
+    from fastface.data.recordio import convert_depth
+
+    n = convert_depth(args.src, args.dst, args.format)
+    print(f"{args.dst}: {n} depth maps written as {args.format}")
+    return 0
+
+
 def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
-    """``fastface data synth|info``."""
+    """``fastface data synth|info|convert-depth``."""
     p = subparsers.add_parser("data", help="make or inspect data sets")
     sub = p.add_subparsers(dest="data_cmd", required=True)
     s = sub.add_parser("synth", help="generate synthetic RGB-D faces (RecordIO + verification .bin); reuses an identical set")
-    s.add_argument("--preset", default="demo", choices=["demo", "small", "full", "tiny"], help="size preset (default: demo)")
+    s.add_argument("--preset", default="demo", choices=["demo", "small", "full", "search", "tiny"], help="size preset (default: demo)")
     s.add_argument("--out", help="output directory (default: data/synth-<preset>)")
     s.add_argument("--seed", type=int, default=None, help="generator seed (default 0)")
     s.add_argument("--difficulty", type=float, default=None, help="scales pose, expression, lighting, noise, occlusion (default 1)")
@@ -53,13 +62,21 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--test-ids", type=int, default=None)
     s.add_argument("--test-pairs", type=int, default=None)
     s.add_argument("--workers", type=int, default=2, help="rendering processes (output is identical for any number)")
-    s.add_argument("--folder", action="store_true", help="also write train/<identity>/<n>.jpg + _depth.png")
+    s.add_argument("--folder", action="store_true", help="also write train/<identity>/<n>.jpg + _depth.<pgm|png>")
+    s.add_argument("--depth-format", choices=["pgm", "png"], default=None,
+                   help="depth encoding: pgm (16-bit, default, decodes 8-20x faster) or png (smaller files)")
     s.add_argument("--force", action="store_true", help="regenerate even if the set is already there")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_data_synth)
     i = sub.add_parser("info", help="summarise a .rec or image folder")
     i.add_argument("path")
     i.set_defaults(func=_data_info)
+    c = sub.add_parser("convert-depth", help="rewrite an RGB-D .rec with its depth maps as 16-bit PGM (fast decode) "
+                                             "or PNG; keys, labels and RGB bytes unchanged")
+    c.add_argument("src", help="source .rec (its .idx beside it)")
+    c.add_argument("dst", help="destination .rec (the .idx is written beside it)")
+    c.add_argument("--format", choices=["pgm", "png"], default="pgm")
+    c.set_defaults(func=_data_convert_depth)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -159,8 +176,135 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
+def _search_config(args: argparse.Namespace):
+    from fastface.search.driver import load_search_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "output", None):
+        overrides.append(f"output={args.output}")
+    for flag, key in (("parallel", "parallel.mode"), ("nproc", "parallel.nproc"), ("workers", "parallel.workers"),
+                      ("threads", "parallel.threads"), ("mode", "netadapt.mode"), ("base", "netadapt.base")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if getattr(args, "from_scratch", False):
+        overrides.append("replicate_split.from_scratch=true")
+    return load_search_config(args.config, overrides)
+
+
+def _search_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Search failures that are the user's to fix: one line on stderr, exit status 2."""
+    def run(args: argparse.Namespace) -> int:
+        from fastface.search.driver import SearchBusyError
+        from fastface.search.journal import JournalError
+        from fastface.search.runner import CandidateError
+
+        try:
+            return fn(args)
+        except (SearchBusyError, JournalError, CandidateError, FileNotFoundError) as e:
+            print(f"fastface search: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+@_search_errors
+def _search_rs(args: argparse.Namespace) -> int:
+    from fastface.search.driver import run_replicate_split
+
+    run_replicate_split(_search_config(args))
+    return 0
+
+
+@_search_errors
+def _search_netadapt(args: argparse.Namespace) -> int:
+    from fastface.search.driver import run_netadapt
+
+    cfg = _search_config(args)
+    run_netadapt(cfg, cfg.netadapt.mode)
+    return 0
+
+
+@_search_errors
+def _search_lut(args: argparse.Namespace) -> int:
+    from fastface.arch import ArchSpec
+    from fastface.search.driver import base_spec, build_lut_file, load_search_config, load_train
+
+    if args.spec:
+        spec = ArchSpec.load(args.spec)
+    elif args.model:
+        from fastface.train.checkpoint import load_model
+
+        spec = load_model(args.model).spec
+    else:
+        spec = base_spec(load_train(load_search_config(args.config, args.overrides)))
+    build_lut_file(spec, args.out, g=args.g, sweep=not args.no_sweep, check_networks=args.check, threads=args.threads,
+                   batch=args.batch, runs=args.runs, rounds=args.rounds)
+    return 0
+
+
+@_search_errors
+def _search_report(args: argparse.Namespace) -> int:
+    from fastface.search.report import write_report
+
+    write_report(args.folder, _console())
+    return 0
+
+
+def _console():
+    from fastface.search.driver import _console as search_console
+
+    return search_console(None)
+
+
+def add_search_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``fastface search replicate-split|netadapt|lut|report``."""
+    p = subparsers.add_parser("search", help="architecture search: replicate/split, NetAdaptV2, latency LUT, report",
+                              description="Resumable architecture searches: run the same command again to continue "
+                                          "a killed search. Configs: configs/search_demo.yaml; key=value overrides.")
+    sub = p.add_subparsers(dest="search_cmd", required=True)
+    rs = sub.add_parser("replicate-split", help="two-step search: replicate blocks (greedy), then move the input split")
+    rs.add_argument("--config", help="search YAML (see configs/search_demo.yaml)")
+    rs.add_argument("--output", help="output folder (search config key `output`)")
+    rs.add_argument("--from-scratch", action="store_true", help="train every child from random initialisation "
+                                                               "(no weight transfer), to measure what transfer saves")
+    rs.add_argument("--parallel", choices=["ddp", "concurrent"], help="ddp: each candidate data-parallel on all "
+                    "devices (torchrun), one after another; concurrent: several candidates at once")
+    rs.add_argument("--nproc", type=int, help="processes per candidate (ddp: one per GPU; CPU: gloo)")
+    rs.add_argument("--workers", type=int, help="concurrent: candidates trained at once")
+    rs.add_argument("--threads", type=int, help="intra-op threads per training process")
+    rs.add_argument("overrides", nargs="*", metavar="key=value")
+    rs.set_defaults(func=_search_rs)
+    na = sub.add_parser("netadapt", help="NetAdaptV2: CBC super-network, ordered dropout, MCD (or --mode scd: NetAdapt v1)")
+    na.add_argument("--config", help="search YAML")
+    na.add_argument("--output", help="output folder")
+    na.add_argument("--mode", choices=["mcd", "scd"], help="mcd: multi-layer coordinate descent (NetAdaptV2); scd: "
+                                                           "single-layer with fine-tuning (NetAdapt v1)")
+    na.add_argument("--base", help="best | vanilla (from the replicate/split search in the output folder), or a "
+                                   "model.pt / spec .json")
+    na.add_argument("overrides", nargs="*", metavar="key=value")
+    na.set_defaults(func=_search_netadapt)
+    lut = sub.add_parser("lut", help="measure a per-layer latency lookup table on this machine (JSON), checked "
+                                     "against whole networks")
+    lut.add_argument("--config", help="search YAML whose train config gives the network (default network otherwise)")
+    lut.add_argument("--spec", help="an ArchSpec JSON instead")
+    lut.add_argument("--model", help="a model.pt instead")
+    lut.add_argument("--out", required=True, help="LUT JSON to write (an existing one is extended)")
+    lut.add_argument("--g", type=int, default=8, help="width granularity of the swept widths")
+    lut.add_argument("--no-sweep", action="store_true", help="only the network's own layers, not every width")
+    lut.add_argument("--check", type=int, default=4, help="networks measured whole to check the table")
+    lut.add_argument("--threads", type=int, default=1)
+    lut.add_argument("--batch", type=int, default=1)
+    lut.add_argument("--runs", type=int, default=20)
+    lut.add_argument("--rounds", type=int, default=2)
+    lut.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the search config")
+    lut.set_defaults(func=_search_lut)
+    rp = sub.add_parser("report", help="table, Pareto plots (PNG) and best.json of a search folder")
+    rp.add_argument("folder", help="the search's output folder")
+    rp.set_defaults(func=_search_report)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_data_parser, add_train_parser, add_eval_parser, add_export_parser, add_demo_parser]
+    add_data_parser, add_train_parser, add_eval_parser, add_export_parser, add_demo_parser, add_search_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

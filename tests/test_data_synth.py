@@ -99,3 +99,22 @@ def test_cli_synth_then_reuse(tmp_path):
     assert second.returncode == 0 and "reused" in second.stdout
     info = subprocess.run([sys.executable, "-m", "fastface", "data", "info", out], capture_output=True, text=True, timeout=60)
     assert "4 images, 2 identities, depth: yes" in info.stdout
+
+
+def test_cli_png_depth_then_convert_to_pgm(tmp_path):
+    out = str(tmp_path / "png")
+    cmd = [sys.executable, "-m", "fastface", "data", "synth", "--preset", "tiny", "--ids", "2", "--samples-per-id", "2",
+           "--val-ids", "2", "--val-pairs", "2", "--test-ids", "2", "--test-pairs", "2", "--out", out, "--workers", "1",
+           "--quiet", "--depth-format", "png"]
+    made = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    rec = open(os.path.join(out, "train.rec"), "rb").read()
+    assert b"\x89PNG" in rec and b"P5\n" not in rec
+    dst = str(tmp_path / "pgm.rec")
+    conv = subprocess.run([sys.executable, "-m", "fastface", "data", "convert-depth", os.path.join(out, "train.rec"), dst],
+                          capture_output=True, text=True, timeout=60)
+    assert conv.returncode == 0, conv.stderr
+    assert "4 depth maps written as pgm" in conv.stdout
+    assert b"P5\n" in open(dst, "rb").read()
+    info = subprocess.run([sys.executable, "-m", "fastface", "data", "info", dst], capture_output=True, text=True, timeout=60)
+    assert "4 images, 2 identities, depth: yes" in info.stdout, info.stdout + info.stderr

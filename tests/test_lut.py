@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 
 import pytest
 import torch
@@ -13,12 +14,24 @@ from fastface.search.lut import LatencyLUT, build_lut, check, layer_entries, swe
 from fastface.search.netadapt import NetAdaptConfig, mcd, params
 from test_supernet import tiny_spec
 
-# Relative error allowed between LUT sums and measured networks (tiny networks, batch 1, one
-# thread, on a shared 2-core machine under load from other processes). Measured here: the
-# sums (per-call overhead counted once) run 5-35 % off the whole networks, mostly below (a
-# layer timed alone runs with its weights and activations hot in cache); the scale `check`
-# fits brings most networks to a few %, but load swings make single ones 20-50 % off.
-RAW_TOLERANCE = 0.40
+# Relative error allowed between LUT sums and measured networks (tiny networks of 0.25-0.5 ms,
+# batch 1, one thread, on a shared 2-core machine that other processes load in bursts). The
+# layers and the networks are timed round-robin in the same rounds, least disturbed of 5
+# (`measure_with_networks`), so a burst spoils a number only if it hits all 5 rounds. Measured
+# that way here, idle and with two busy-loop processes on both cores: the sums run 3-12 % above
+# the networks (median error 5-10 %; a layer timed alone pays its call and cache warm-up that a
+# layer in a sequence partly hides), single networks up to 15 % off under load. Timing layers
+# first and networks later (the old test) saw 20-60 % errors on single networks under bursts.
+# The bounds: the median error, which one disturbed network cannot move, within 15 %; every
+# network within 35 % (room for one burst that outlasts the rounds). A wrong table is far off
+# both (test_a_lut_measured_for_another_resolution_is_flagged: 80-220 % on every network).
+MEDIAN_TOLERANCE = 0.15
+MAX_TOLERANCE = 0.35
+
+
+def agrees(r) -> bool:
+    """The LUT-vs-measurement criterion of this file (see MEDIAN_TOLERANCE, MAX_TOLERANCE)."""
+    return statistics.median(r.raw_error) <= MEDIAN_TOLERANCE and r.max_raw_error <= MAX_TOLERANCE
 
 
 @pytest.fixture(autouse=True)
@@ -41,17 +54,22 @@ def networks(size: int, seed: int = 0) -> list:
 
 def test_lut_sums_agree_with_measured_networks():
     specs = networks(32, seed=0) + networks(32, seed=1)[1::2]
-    # Up to three measurement sessions: a burst of load from another process can spoil one
-    # (about 1 in 6 here); a wrong LUT (next test: raw errors 80-220 %) fails every one.
-    for _ in range(3):
-        lut = build_lut(specs, threads=1, runs=20, warmup=3, rounds=3)
-        r = check(lut, specs, tolerance=0.10)
-        print(f"LUT vs 6 measured networks: raw errors {[round(e, 3) for e in r.raw_error]}; scale {r.scale:.3f}, "
+    lut = LatencyLUT(threads=1, runs=20, warmup=3, rounds=5)
+    meas = lut.measure_with_networks(specs)
+    # A burst that outlasts all 5 rounds (rare): 5 more rounds, each number keeping its least
+    # disturbed time over all 10 (a wrong table stays wrong however often it is re-timed).
+    for _ in range(2):
+        r = check(lut, specs, tolerance=0.10, apply=False, measured=meas)
+        print(f"LUT vs 6 measured networks: measured ms {[round(m, 3) for m in r.measured_ms]}, raw errors "
+              f"{[round(e, 3) for e in r.raw_error]} (median {statistics.median(r.raw_error):.3f}); scale {r.scale:.3f}, "
               f"leave-one-out corrected errors {[round(e, 3) for e in r.corrected_error]}; action {r.action}")
-        if r.max_raw_error <= RAW_TOLERANCE:
+        if agrees(r):
             break
-    assert r.max_raw_error <= RAW_TOLERANCE, r.as_dict()
+        meas = [min(a, b) for a, b in zip(meas, lut.measure_with_networks(specs))]
+    assert agrees(r), r.as_dict()
+    r = check(lut, specs, tolerance=0.10, measured=meas)
     assert lut.checks[-1]["action"] == r.action and lut.fallback == (r.action == "fallback")
+    assert lut.scale == (r.scale if r.action == "corrected" else 1.0)
 
 
 def test_a_lut_measured_for_another_resolution_is_flagged():
@@ -65,10 +83,13 @@ def test_a_lut_measured_for_another_resolution_is_flagged():
         for e32, e128 in zip(layer_entries(s32), layer_entries(s128)):
             wrong.entries[e32.key] = lut128.entries[e128.key]
     r = check(wrong, small, tolerance=0.10)
-    assert r.max_raw_error > 0.5, r.as_dict()
+    assert r.max_raw_error > 0.5 and not agrees(r), r.as_dict()
     assert r.action in ("corrected", "fallback") and wrong.checks[-1]["action"] == r.action
     if r.action == "fallback":
         assert wrong.fallback and wrong(small[0]) > 0 and len(wrong.direct) == 1
+        # Direct measurements are relative to the first checked network, timed alongside.
+        assert wrong.reference is not None and wrong.reference[0] == small[0].to_json()
+        assert wrong.reference[1] == r.measured_ms[0]
 
 
 def test_equal_layers_are_measured_once_and_the_table_round_trips(tmp_path):
@@ -87,6 +108,11 @@ def test_equal_layers_are_measured_once_and_the_table_round_trips(tmp_path):
     assert again.entries == lut.entries and again.predict(spec) == p
     with pytest.raises(KeyError, match="no entry for stem:cin=4,cout=16,k=3,s=2,size=32"):
         again.predict(tiny_spec(size=32))
+    with pytest.raises(ValueError, match="2 measured times for 1 networks"):
+        check(lut, [spec], measured=[1.0, 2.0])
+    lut.reference = (spec.to_json(), 1.5)
+    lut.save(path)
+    assert LatencyLUT.load(path).reference == lut.reference
     with open(path, "w") as f:
         f.write("{not json")
     with pytest.raises(ValueError, match="lut.json: not a latency LUT"):
@@ -123,3 +149,15 @@ def test_latency_lut_as_an_mcd_resource():
         assert r["resources"]["latency"] <= r["targets"]["latency"]
     if res.status == "met":
         assert lut(res.spec()) <= 0.85 * lat0
+
+
+def test_fallback_measures_relative_to_the_reference():
+    a, b = networks(32)[:2]
+    lut = LatencyLUT(threads=1, runs=5, warmup=1, rounds=2)
+    lut.fallback = True
+    lut.reference = (a.to_json(), 10.0)  # as if the reference ran 10 ms when the table was checked
+    va, vb = lut(a), lut(b)
+    # The reference timed against itself: a ratio near 1 whatever the load now, so near 10 ms,
+    # although this tiny network runs in well under 10 ms here.
+    assert 5 < va < 20, va
+    assert vb > 0 and len(lut.direct) == 2 and lut(b) == vb  # cached: one number per network

@@ -15,10 +15,18 @@ and the timer) that a whole-network forward pays once, not once per layer. The L
 nn.Identity call and predicts sum_i (t_i - t_call) + t_call. What remains (the network's own
 Python glue, cache effects) is what `check` measures: it compares predictions with measured
 whole networks, and when the relative error exceeds the tolerance (10 %) it fits
-measured ~= scale * predicted on those networks (`offset_ms` stays for a future fit, now 0); if the corrected (leave-one-out) error is still over the tolerance the LUT
-falls back to measuring whole networks directly. On this 2-core CPU box the raw sums of tiny
-networks run 15-35 % below the measured networks: a layer timed alone runs with its weights
-and activations hot in cache, which a layer in a sequence does not; a scale absorbs it.
+measured ~= scale * predicted on those networks (`offset_ms` stays for a future fit, now 0);
+if the corrected (leave-one-out) error is still over the tolerance the LUT falls back to
+measuring whole networks directly, each timed in turn with the first checked network as a
+reference and scaled by that ratio, so that load drifting between calls cancels.
+
+On a shared machine the load changes from one second to the next, so a table measured first
+and networks measured later can disagree by 20-60 % through load alone. `measure_with_networks`
+times the layers and the checking networks round-robin in the same rounds (least disturbed of
+each); measured that way on this 2-core CPU box (tiny networks, one thread) the raw sums run
+3-12 % above the networks, idle or with both cores busy, and a scale absorbs the bias.
+`fastface search lut` and a table built by the NetAdapt driver are checked that way; a table
+loaded from a file, and the periodic checks during a search, compare it as it stands.
 
 The number of configurations a search can reach grows with every width choice, so the table
 is filled on demand (`measure_missing`, on by default) and by `build_lut` for given networks
@@ -186,6 +194,8 @@ class LatencyLUT:
         self.call_overhead_ms: float | None = None
         self.scale, self.offset_ms, self.fallback = 1.0, 0.0, False
         self.direct: dict[str, float] = {}  # spec digest -> measured whole-network ms (fallback)
+        # Fallback measurements are taken relative to a reference network (spec JSON, its ms at check time).
+        self.reference: tuple[str, float] | None = None
         self.checks: list[dict[str, Any]] = []
         self.meta = {"device": self.device, "machine": platform.machine(), "processor": platform.processor(),
                      "torch": torch.__version__, "threads": threads if threads is not None else torch.get_num_threads()}
@@ -245,26 +255,74 @@ class LatencyLUT:
 
     def measure_networks(self, specs: Sequence[ArchSpec]) -> list[float]:
         """Whole-network latencies (ms), the rounds taken in turn over all networks so they see the same load."""
-        models = []
-        for spec in specs:
-            with torch.device("meta"):
-                model = build_model(spec)
-            model = model.to_empty(device=self.device)
-            _fill_random(model)
-            models.append((model, (spec.in_channels, spec.input_size, spec.input_size)))
+        models = [(self._network(s), (s.in_channels, s.input_size, s.input_size)) for s in specs]
         times: list[list[float]] = [[] for _ in models]
         for _ in range(self.rounds):
             for i, (m, shape) in enumerate(models):
                 times[i].append(self._time(m, shape))
         return [min(t) for t in times]
 
+    def measure_with_networks(self, specs: Sequence[ArchSpec], rounds: int | None = None) -> list[float]:
+        """Time every layer of specs and the whole networks round-robin; returns the networks' ms.
+
+        Each round times every layer configuration of the networks, then every network, so
+        layers and networks see the same load; each keeps its smallest time over the rounds
+        (default: the table's `rounds`), and a layer already in the table keeps the smaller of
+        its old and new times (the least disturbed measurement of the same configuration). On
+        a shared machine a burst of load from another process then spoils a number only if it
+        hits every round, where timing layers first and networks later let one burst skew
+        either side. Use it to build a table together with the networks that check it.
+        """
+        rounds = rounds if rounds is not None else self.rounds
+        if rounds < 1:
+            raise ValueError(f"measure_with_networks: rounds must be >= 1, got {rounds}")
+        ents: dict[str, LayerEntry] = {}
+        for s in specs:
+            for e in layer_entries(s):
+                ents.setdefault(e.key, e)
+        mods = {k: e.build() for k, e in ents.items()}
+        nets = [(self._network(s), (s.in_channels, s.input_size, s.input_size)) for s in specs]
+        layer_t: dict[str, list[float]] = {k: [] for k in ents}
+        net_t: list[list[float]] = [[] for _ in nets]
+        overhead: list[float] = []
+        for _ in range(rounds):
+            overhead.append(self._time(nn.Identity(), (1,)))
+            for k, e in ents.items():
+                layer_t[k].append(self._time(mods[k], e.shape))
+            for i, (m, shape) in enumerate(nets):
+                net_t[i].append(self._time(m, shape))
+        ovh = min(overhead)
+        self.call_overhead_ms = ovh if self.call_overhead_ms is None else min(self.call_overhead_ms, ovh)
+        for k, v in layer_t.items():
+            self.entries[k] = min(v) if k not in self.entries else min(self.entries[k], min(v))
+        return [min(t) for t in net_t]
+
+    def _network(self, spec: ArchSpec) -> nn.Module:
+        with torch.device("meta"):
+            model = build_model(spec)
+        model = model.to_empty(device=self.device)
+        _fill_random(model)
+        return model
+
     def __call__(self, spec: ArchSpec) -> float:
         if not self.fallback:
             return self.predict(spec)
         key = hashlib.sha256(spec.to_json().encode()).hexdigest()
         if key not in self.direct:
-            self.direct[key] = self.measure_network(spec)
+            self.direct[key] = self._measure_relative(spec)
         return self.direct[key]
+
+    def _measure_relative(self, spec: ArchSpec) -> float:
+        """Whole-network ms, timed in turn with the reference network and scaled by its ratio to it.
+
+        On a shared machine the load drifts between calls made minutes apart; timing the reference
+        alongside (the same rounds, the same load) and keeping only the ratio cancels that drift.
+        """
+        if self.reference is None:
+            return self.measure_network(spec)
+        ref_json, ref_ms = self.reference
+        ref_now, t = self.measure_networks([ArchSpec.from_json(ref_json), spec])
+        return t / ref_now * ref_ms
 
     # ---- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -273,7 +331,8 @@ class LatencyLUT:
                 "threads": self.threads, "warmup": self.warmup, "runs": self.runs, "stat": self.stat,
                 "rounds": self.rounds, "meta": self.meta,
                 "call_overhead_ms": self.call_overhead_ms, "scale": self.scale, "offset_ms": self.offset_ms,
-                "fallback": self.fallback, "entries": self.entries, "direct": self.direct, "checks": self.checks}
+                "fallback": self.fallback, "entries": self.entries, "direct": self.direct, "checks": self.checks,
+                "reference": list(self.reference) if self.reference else None}
 
     def save(self, path: str) -> None:
         """Write the table as JSON atomically (temp file + rename)."""
@@ -295,6 +354,8 @@ class LatencyLUT:
             lut.meta = d["meta"]
             lut.call_overhead_ms, lut.scale, lut.offset_ms = d["call_overhead_ms"], d["scale"], d["offset_ms"]
             lut.fallback, lut.entries, lut.direct, lut.checks = d["fallback"], d["entries"], d["direct"], d["checks"]
+            ref = d.get("reference")  # absent in tables written before it existed
+            lut.reference = (ref[0], float(ref[1])) if ref else None
         except KeyError as e:
             raise ValueError(f"{path}: latency LUT lacks field {e.args[0]!r}") from e
         return lut
@@ -348,17 +409,22 @@ def _fit(pred: Sequence[float], meas: Sequence[float]) -> tuple[float, float]:
     return statistics.median(m / p for p, m in zip(pred, meas)), 0.0
 
 
-def check(lut: LatencyLUT, specs: Sequence[ArchSpec], tolerance: float = 0.10, apply: bool = True) -> LUTCheck:
+def check(lut: LatencyLUT, specs: Sequence[ArchSpec], tolerance: float = 0.10, apply: bool = True,
+          measured: Sequence[float] | None = None) -> LUTCheck:
     """Measure whole networks, compare with the LUT's raw sums; correct or fall back above `tolerance`.
 
+    `measured`: the networks' ms measured already (e.g. by `LatencyLUT.measure_with_networks`,
+    together with the table's layers); otherwise they are measured now.
     With apply, the LUT is updated: "ok" resets any correction, "corrected" stores the fitted
     scale and offset, "fallback" makes the LUT measure whole networks from now on.
     """
     specs = list(specs)
     if not specs:
         raise ValueError("check: give at least one network to measure")
+    if measured is not None and len(measured) != len(specs):
+        raise ValueError(f"check: {len(measured)} measured times for {len(specs)} networks")
     pred = [lut.predict_raw(s) for s in specs]
-    meas = lut.measure_networks(specs)
+    meas = list(measured) if measured is not None else lut.measure_networks(specs)
     raw = [abs(p - m) / m for p, m in zip(pred, meas)]
     scale, offset = 1.0, 0.0
     corrected = list(raw)
@@ -380,6 +446,7 @@ def check(lut: LatencyLUT, specs: Sequence[ArchSpec], tolerance: float = 0.10, a
     if apply:
         lut.scale, lut.offset_ms = (scale, offset) if action == "corrected" else (1.0, 0.0)
         lut.fallback = action == "fallback"
+        lut.reference = (specs[0].to_json(), meas[0]) if lut.fallback else None
         lut.checks.append(result.as_dict())
     return result
 
