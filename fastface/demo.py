@@ -76,7 +76,18 @@ def run_search(console: Any, overrides: list[str]) -> dict[str, Any]:
     console.rule("replicate / split search")
     rs = run_replicate_split(cfg, console)
     console.rule("NetAdaptV2 (MCD) on the found network")
-    na = run_netadapt(cfg, "mcd", console)
+    try:
+        na = run_netadapt(cfg, "mcd", console)
+    except ValueError as e:
+        if "cannot resume" not in str(e):
+            raise
+        # A NetAdapt search left by an earlier demo on another base network (an older config or
+        # version): the demo keeps it aside and searches afresh, where the CLI asks the user.
+        folder = os.path.join(cfg.output, "netadapt-mcd")
+        aside = f"{folder}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(folder, aside)
+        console.print(f"{folder} held another search ({e}); moved to {aside}, searching afresh", highlight=False)
+        na = run_netadapt(cfg, "mcd", console)
     return compare(console, cfg, rs, na)
 
 
