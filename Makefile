@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 comma := ,
 # DALI ships manylinux wheels for x86_64 and aarch64 only; elsewhere the torch loader is used.
 EXTRAS ?= $(if $(filter x86_64 aarch64,$(shell uname -m)),test$(comma)dali,test)
-CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
+CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/build/inductor-cache
 PYTEST_ARGS ?=
 

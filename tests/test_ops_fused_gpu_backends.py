@@ -396,7 +396,7 @@ def emu(tmp_path_factory):
     out = tmp_path_factory.mktemp("cuda_emu")
     for name, text in (("cuda_runtime.h", _EMU_RUNTIME), ("cuda_fp16.h", _EMU_FP16), ("cuda_bf16.h", _EMU_BF16)):
         (out / name).write_text(text)
-    for header in ("ir_block.h", "dwconv_bn_act.h"):
+    for header in ("ir_block.h", "dwconv_bn_act.h", "float_convert.cuh"):
         shutil.copy(ROOT / "csrc" / "cuda" / header, out / header)
     launch = re.compile(r"(\b[\w:]+(?:<[^;<>()]*>)?)\s*<<<(.+?)>>>\(", re.S)
     procs = []

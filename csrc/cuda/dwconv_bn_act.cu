@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 
 #include "dwconv_bn_act.h"
+#include "float_convert.cuh"
 
 namespace fastface {
 namespace cuda {
@@ -22,24 +23,6 @@ constexpr int kThreads = kLanes * kRows;
 constexpr int kTargetBlocks = 1024;  // blocks of the reduction passes; independent of the device (determinism)
 constexpr int kTile = 8;             // input tile of the grad pass: kTile x kTile pixels
 constexpr int64_t kMinChunk = 4 * kRows;  // pixels per block of the reduction passes, at least
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // How the reduction passes split the N*OH*OW output pixels: n_chunks chunks of chunk_pix each.
 struct Split {

@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include "ir_block.h"
+#include "float_convert.cuh"
 
 namespace fastface {
 namespace cuda {
@@ -25,23 +26,6 @@ constexpr int kMaxP = 64;     // output pixels per tile (16 pixel lanes x 4)
 constexpr int kRowBlock = 4;  // halo rows per thread and expand step: each weight read serves 4 rows
 constexpr int kMaxK = 7;
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 __device__ __forceinline__ float relu6(float v) { return fminf(fmaxf(v, 0.f), 6.f); }
 
 struct Tile {
