@@ -34,13 +34,8 @@ def agrees(r) -> bool:
     return statistics.median(r.raw_error) <= MEDIAN_TOLERANCE and r.max_raw_error <= MAX_TOLERANCE
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one intra-op thread (two made them ~30x slower on the shared 2-core box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny ops and networks: one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def networks(size: int, seed: int = 0) -> list:

@@ -10,13 +10,8 @@ from fastface.models import build_model, folded_eval, list_models, replicate, re
 from helpers import assert_fast_within_torch_error
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core box two made small ops ~30x slower (see test_lut)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny ops and networks: one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:

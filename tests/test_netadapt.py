@@ -19,13 +19,8 @@ from fastface.search.netadapt import (
 from test_supernet import batches_of, synthetic_faces, tiny_spec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one intra-op thread (two made them ~30x slower on the shared 2-core box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny ops and networks: one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pairs(templates: torch.Tensor, n: int = 40, noise: float = 0.35, seed: int = 1):

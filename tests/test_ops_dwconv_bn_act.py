@@ -18,13 +18,8 @@ needs_ext = pytest.mark.skipif(not HAS_EXT, reason="fastface._C not built")
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core box two made small ops ~30x slower (see test_lut)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny ops and networks: one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPES = [  # N, C, H, W, k, stride
     (2, 24, 7, 7, 3, 1), (1, 13, 13, 13, 3, 2), (3, 5, 56, 56, 3, 1), (2, 7, 56, 57, 3, 2), (2, 6, 7, 6, 1, 2),

@@ -14,13 +14,8 @@ from helpers import assert_fast_within_torch_error
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="fastface._C not built")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core box two made small ops ~30x slower (see test_lut)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny ops and networks: one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # N, G, Cin, Ce, Cout, H, W, k, stride, expand, residual
 SHAPES = [

@@ -17,13 +17,8 @@ from fastface.models.supernet import (
 from test_models import randomize
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one intra-op thread. On this shared 2-core box two threads made these tests ~30x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny ops and networks: one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_spec(split: int = 0, merge: str = "add", head: str = "gdc", size: int = 24, last: int = 48) -> ArchSpec:
