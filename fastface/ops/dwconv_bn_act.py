@@ -25,10 +25,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from fastface._ext import HAS_EXT, has_op
+from fastface._ext import has_op
 from fastface.ops._common import like_input
-from fastface.ops.dispatch import triton_reasons
-from fastface.ops.ir_block import MemoFusedOp, interpreter_reasons, kernel_for
+from fastface.ops.ir_block import MemoFusedOp, extension_reasons, triton_kernel_reasons
 
 OP = "fastface::dwconv_bn_act"
 OP_BWD = "fastface::dwconv_bn_act_backward"
@@ -135,19 +134,11 @@ _FAST_DTYPES = {"cpp": (torch.float32, torch.float64), "cuda": (torch.float32, t
 
 
 def _ext_reasons(key: str, device_type: str):
-    def reasons(x, *rest) -> list[str]:
-        why = dwconv_bn_act_problems(x, *rest)
-        if not HAS_EXT:
-            from fastface._ext import EXT_ERROR
+    dtypes = _FAST_DTYPES[device_type.replace("cpu", "cpp")]
 
-            why.append(f"extension not loaded ({EXT_ERROR})")
-        elif not (kernel_for(OP, key) and kernel_for(OP_BWD, key)):
-            why.append(f"extension has no {key} kernel for dwconv_bn_act")
-        if x.device.type != device_type:
-            why.append(f"tensor on {x.device}, not {device_type}")
-        dtypes = _FAST_DTYPES[device_type.replace("cpu", "cpp")]
-        if x.dtype not in dtypes:
-            why.append(f"dtype {x.dtype} ({'/'.join(str(d).replace('torch.', '') for d in dtypes)} only)")
+    def reasons(x, *rest) -> list[str]:
+        why = dwconv_bn_act_problems(x, *rest) + extension_reasons("dwconv_bn_act", (OP, OP_BWD), key, device_type,
+                                                                   dtypes, x)
         if device_type == "cuda":
             # csrc/cuda/dwconv_bn_act.cu instantiates k in {3, 5} and strides 1 and 2 only.
             weight, stride = rest[0], rest[3]
@@ -161,14 +152,7 @@ def _ext_reasons(key: str, device_type: str):
 
 
 def _triton_reasons(x, *rest) -> list[str]:
-    why = dwconv_bn_act_problems(x, *rest) + triton_reasons(x)
-    why = why or interpreter_reasons(x)
-    if not why:
-        import importlib.util
-
-        if importlib.util.find_spec("fastface.kernels.dwconv_bn_act") is None:
-            why.append("fastface.kernels has no dwconv_bn_act kernel")
-    return why
+    return triton_kernel_reasons(dwconv_bn_act_problems(x, *rest), x, "dwconv_bn_act")
 
 
 def _ext_forward(x, weight, gamma, beta, stride, eps, relu6):

@@ -171,10 +171,6 @@ def kernel_for(op: str, key: str) -> bool:
     return hit
 
 
-def _kernel_for(key: str) -> bool:
-    return kernel_for(OP, key)
-
-
 if has_op("ir_block"):
 
     @torch.library.register_fake(OP)
@@ -194,19 +190,38 @@ if has_op("ir_block"):
     torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
 
 
+def extension_reasons(name: str, ops: tuple[str, ...], key: str, device_type: str, dtypes: tuple[torch.dtype, ...],
+                      x: torch.Tensor) -> list[str]:
+    """Why the extension's `key` kernels of `ops` (those of fused op `name`) cannot take x; empty: they can."""
+    why = []
+    if not HAS_EXT:
+        from fastface._ext import EXT_ERROR
+
+        why.append(f"extension not loaded ({EXT_ERROR})")
+    elif not all(kernel_for(op, key) for op in ops):
+        why.append(f"extension has no {key} kernel for {name}")
+    if x.device.type != device_type:
+        why.append(f"tensor on {x.device}, not {device_type}")
+    if x.dtype not in dtypes:
+        why.append(f"dtype {x.dtype} ({'/'.join(str(d).replace('torch.', '') for d in dtypes)} only)")
+    return why
+
+
+def triton_kernel_reasons(problems: list[str], x: torch.Tensor, name: str) -> list[str]:
+    """Why fastface.kernels.<name> should not run on x, after the op's own argument `problems`; empty: it can."""
+    why = problems + triton_reasons(x)
+    why = why or interpreter_reasons(x)
+    if not why:
+        import importlib.util
+
+        if importlib.util.find_spec(f"fastface.kernels.{name}") is None:
+            why.append(f"fastface.kernels has no {name} kernel")
+    return why
+
+
 def _ext_reasons(key: str, device_type: str, dtypes: tuple[torch.dtype, ...]):
     def reasons(x, *rest) -> list[str]:
-        why = ir_block_problems(x, *rest)
-        if not HAS_EXT:
-            from fastface._ext import EXT_ERROR
-
-            why.append(f"extension not loaded ({EXT_ERROR})")
-        elif not _kernel_for(key):
-            why.append(f"extension has no {key} kernel for ir_block")
-        if x.device.type != device_type:
-            why.append(f"tensor on {x.device}, not {device_type}")
-        if x.dtype not in dtypes:
-            why.append(f"dtype {x.dtype} ({'/'.join(str(d).replace('torch.', '') for d in dtypes)} only)")
+        why = ir_block_problems(x, *rest) + extension_reasons("ir_block", (OP,), key, device_type, dtypes, x)
         if device_type == "cuda":
             if rest[2].shape[-1] > 7:  # kMaxK in csrc/cuda/ir_block.cu (strides: ir_block_problems)
                 why.append(f"kernel size {rest[2].shape[-1]} (CUDA kernel: at most 7)")
@@ -224,14 +239,7 @@ def interpreter_reasons(x: torch.Tensor) -> list[str]:
 
 
 def _triton_reasons(x, *rest) -> list[str]:
-    why = ir_block_problems(x, *rest) + triton_reasons(x)
-    why = why or interpreter_reasons(x)
-    if not why:
-        import importlib.util
-
-        if importlib.util.find_spec("fastface.kernels.ir_block") is None:
-            why.append("fastface.kernels has no ir_block kernel")
-    return why
+    return triton_kernel_reasons(ir_block_problems(x, *rest), x, "ir_block")
 
 
 ir_block = MemoFusedOp("ir_block")
