@@ -70,7 +70,7 @@ def main(overrides: list[str] | None = None) -> int:
 
 def run_search(console: Any, overrides: list[str]) -> dict[str, Any]:
     """The demo search: replicate / split, then NetAdaptV2 (MCD) on its winner; prints the comparison."""
-    from fastface.search.driver import load_search_config, run_netadapt, run_replicate_split
+    from fastface.search.driver import OtherSearchError, load_search_config, run_netadapt, run_replicate_split
 
     cfg = load_search_config(SEARCH_CONFIG, overrides)
     console.rule("replicate / split search")
@@ -78,9 +78,7 @@ def run_search(console: Any, overrides: list[str]) -> dict[str, Any]:
     console.rule("NetAdaptV2 (MCD) on the found network")
     try:
         na = run_netadapt(cfg, "mcd", console)
-    except ValueError as e:
-        if "cannot resume" not in str(e):
-            raise
+    except OtherSearchError as e:
         # A NetAdapt search left by an earlier demo on another base network (an older config or
         # version): the demo keeps it aside and searches afresh, where the CLI asks the user.
         folder = os.path.join(cfg.output, "netadapt-mcd")

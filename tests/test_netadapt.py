@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fastface.losses import CombinedMarginLoss, PartialFC
 from fastface.models.supernet import Supernet, train_supernet
 from fastface.search.netadapt import (
-    Finetuner, NetAdaptConfig, macs, mcd, mcd_candidate, params, pareto_front, record_model, scd, scd_candidate,
+    Finetuner, NetAdaptConfig, ResumeMismatch, macs, mcd, mcd_candidate, params, pareto_front, record_model, scd, scd_candidate,
     verification_score,
 )
 from test_supernet import batches_of, synthetic_faces, tiny_spec
@@ -121,10 +121,10 @@ def test_mcd_is_deterministic_and_resumes_from_history(trained):
     assert strip(resumed.records) == strip(whole.records)
     again = mcd(*args, config=cfg)
     assert strip(again.records) == strip(whole.records)
-    with pytest.raises(ValueError, match="config"):
+    with pytest.raises(ResumeMismatch, match="cannot resume: history record 0 has config"):
         mcd(*args, config=NetAdaptConfig(candidates=3, step=0.08, seed=8, criterion="per_resource"), history=saved)
     other = Supernet(tiny_spec(), g=4)
-    with pytest.raises(ValueError, match="weights differ"):
+    with pytest.raises(ResumeMismatch, match="weights differ"):
         mcd(other, *args[1:], config=cfg, history=saved)
 
 

@@ -150,6 +150,10 @@ def budgets(constraints: Mapping[str, Budget], reference: Mapping[str, float], w
 # ---- shared set-up -------------------------------------------------------------------------------
 
 
+class OtherSearchError(ConfigError):
+    """The output folder holds a NetAdapt search this one cannot resume (another base, budget or config)."""
+
+
 class SearchBusyError(RuntimeError):
     """Another search process holds this output folder."""
 
@@ -542,11 +546,9 @@ def _run_netadapt(cfg: SearchConfig, mode: str, folder: str, timings: dict[str, 
                     ft_batches = list(itertools.islice(iter(loader), max(1, min(na.scd_finetune_steps, 8))))
                     ft = na_mod.Finetuner(ft_batches, pfc, steps=na.scd_finetune_steps, lr=na.scd_lr)
                     res = na_mod.scd(sn, score, resources, constraints, calib, ft, config, history, on_record)
-            except ValueError as e:
-                if "cannot resume" in str(e):
-                    raise ConfigError(f"{journal.path}: {e}. This folder holds another NetAdapt search; use another "
-                                      f"output folder or remove {folder}") from e
-                raise
+            except na_mod.ResumeMismatch as e:
+                raise OtherSearchError(f"{journal.path}: {e}. This folder holds another NetAdapt search; use another "
+                                       f"output folder or remove {folder}") from e
             timings["search_s"] = time.perf_counter() - t0
             journal.append("done", status=res.status, timings=timings)
         finally:

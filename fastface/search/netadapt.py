@@ -259,6 +259,10 @@ def _initial_record(supernet: Supernet, mode: str, score: Score, resources: Mapp
     return rec, model
 
 
+class ResumeMismatch(ValueError):
+    """A history that this search cannot continue (another mode, config, budget or super-network)."""
+
+
 def _check_history(history: Sequence[Record], supernet: Supernet, mode: str, constraints: Mapping[str, float],
                    config: NetAdaptConfig) -> None:
     r0 = history[0]
@@ -266,15 +270,15 @@ def _check_history(history: Sequence[Record], supernet: Supernet, mode: str, con
             "g": supernet.space.g, "supernet_spec": supernet.spec.to_dict()}
     for k, v in want.items():
         if r0.get(k) != v:
-            raise ValueError(f"cannot resume: history record 0 has {k}={r0.get(k)!r}, this search has {v!r}")
+            raise ResumeMismatch(f"cannot resume: history record 0 has {k}={r0.get(k)!r}, this search has {v!r}")
     for i, r in enumerate(history):
         if r.get("iteration") != i:
-            raise ValueError(f"cannot resume: history record {i} has iteration {r.get('iteration')!r}")
+            raise ResumeMismatch(f"cannot resume: history record {i} has iteration {r.get('iteration')!r}")
     last = history[-1]
     if mode == "mcd" and r0["weights_sha256"] != weights_digest(supernet):
-        raise ValueError("cannot resume: the super-network's weights differ from those the history was made with")
+        raise ResumeMismatch("cannot resume: the super-network's weights differ from those the history was made with")
     if mode == "scd" and last["weights_sha256"] != weights_digest(supernet):
-        raise ValueError(f"cannot resume SCD: the super-network's weights are not those after record "
+        raise ResumeMismatch(f"cannot resume SCD: the super-network's weights are not those after record "
                          f"{last['iteration']} (load the checkpoint saved with it)")
 
 
