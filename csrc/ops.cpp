@@ -28,6 +28,10 @@ TORCH_LIBRARY(fastface, m) {
   m.def(
       "ir_block(Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, Tensor b_dw, Tensor w_proj, "
       "Tensor b_proj, int stride, bool residual, int groups) -> Tensor");
+  // Dense k x k convolution (groups allowed, padding on every side, dilation 1) + per-channel bias
+  // (a folded BatchNorm) + optional ReLU6, for inference: the stem, the last 1x1 conv and the
+  // head's linear layer of the folded eval path. weight: Cout x Cin/groups x k x k.
+  m.def("conv_bias_act(Tensor x, Tensor weight, Tensor bias, int stride, int padding, int groups, bool relu6) -> Tensor");
   // Training path of the depthwise stage: depthwise k x k conv (no bias, padding k/2) -> BatchNorm
   // with batch statistics -> ReLU6 (or none), N x C x H x W (split branches concatenated along C
   // run as one call). Returns y, the batch mean and 1/sqrt(biased var + eps) of the conv output;

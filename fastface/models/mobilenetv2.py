@@ -43,7 +43,7 @@ from torch import nn
 
 from fastface.arch import ArchSpec, LayerInfo
 from fastface.models.heads import GDCHead, PoolHead, make_head
-from fastface.ops import dwconv_bn_act, ir_block, pack_ir_weights
+from fastface.ops import conv_bias_act, dwconv_bn_act, ir_block, pack_conv_weight, pack_ir_weights
 
 
 _FOLDED_EVAL = [True]
@@ -172,8 +172,12 @@ class ConvBNAct(_FoldCacheOwner):
                 return self.forward_fused(x)
         elif (_FOLDED_EVAL[-1] and _bn_folds(self.bn) and isinstance(self.act, (nn.ReLU6, nn.Identity))
               and self.conv.padding_mode == "zeros"):
-            w, b = _cached(self, "folded", _convbn_tensors(self), self.folded)
             c = self.conv
+            if c.groups == 1 and _plain_geometry(c):
+                # Dense convs (the stem, the last 1x1): one conv_bias_act, on the fused blocks' threads.
+                w, b = _cached(self, "folded_packed", _convbn_tensors(self), lambda: _packed(self.folded()))
+                return conv_bias_act(x, w, b, c.stride[0], c.padding[0], 1, isinstance(self.act, nn.ReLU6))
+            w, b = _cached(self, "folded", _convbn_tensors(self), self.folded)
             y = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
             # In place: y is this call's own temporary (and a conv's backward never reads its output).
             return F.relu6(y, inplace=True) if isinstance(self.act, nn.ReLU6) else y
@@ -203,6 +207,19 @@ class ConvBNAct(_FoldCacheOwner):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         w = self.conv.weight * scale.reshape(-1, 1, 1, 1)
         return w, bn.bias - bn.running_mean * scale
+
+
+def _plain_geometry(conv: nn.Conv2d) -> bool:
+    """Square kernel and stride, the same padding on every side, no dilation: what conv_bias_act takes."""
+    return (conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
+            and isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1]
+            and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
+
+
+def _packed(wb: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A folded (weight, bias) with the weight in conv_bias_act's CPU layout (unchanged elsewhere)."""
+    w, b = wb
+    return (pack_conv_weight(w) if w.device.type == "cpu" else w), b
 
 
 def _out_hw(x: torch.Tensor, conv: nn.Conv2d) -> tuple[int, int]:
@@ -444,7 +461,8 @@ class MobileNetV2(_FoldCacheOwner):
                 f = (f * w[0]).sum((2, 3))  # the global depthwise conv: one weighted sum per channel
             else:
                 f = f.mean((2, 3))
-            return F.linear(f, w[1], b)
+            # The linear layer as a 1x1 conv on a 1x1 map: on the fused blocks' threads, no BLAS pool.
+            return conv_bias_act(f[:, :, None, None], w[1], b, 1, 0, 1, False).flatten(1)
         return self.head(f)
 
     def _branch_blocks(self, j: int) -> list[InvertedResidual]:
@@ -462,7 +480,7 @@ class MobileNetV2(_FoldCacheOwner):
         return (k >= 2 and _FUSED_TRAIN[-1] and _fused_input(x, self.branches[self.modalities[0]][0].conv.weight)
                 and all(_blocks_train_grouped(bs) for bs in blocks))
 
-    def _stems_folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stems_folded(self, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """All branch stems as one conv over the stacked input (eval, BN folded).
 
         Block-diagonal weight (branch g's output channels see only modality g's input channels):
@@ -481,7 +499,9 @@ class MobileNetV2(_FoldCacheOwner):
             off += c
         summed = torch.cat([w for w, _ in folded], 1)
         fmt = torch.channels_last if stems[0].conv.weight.is_contiguous(memory_format=torch.channels_last) else None
-        if fmt is not None:  # keep the layout the convolution backends pick fast kernels for
+        if packed and block.device.type == "cpu":  # conv_bias_act's layout (see ConvBNAct.forward)
+            block, summed = pack_conv_weight(block), pack_conv_weight(summed)
+        elif fmt is not None:  # keep the layout the convolution backends pick fast kernels for
             block, summed = block.contiguous(memory_format=fmt), summed.contiguous(memory_format=fmt)
         return block, torch.cat([b for _, b in folded]), summed, torch.stack([b for _, b in folded]).sum(0)
 
@@ -493,15 +513,13 @@ class MobileNetV2(_FoldCacheOwner):
                           1)
         else:
             stems = [self.branches[m][0] for m in self.modalities]
-            wb, bb, ws, bs = _cached(self, "stems", [t for s in stems for t in _convbn_tensors(s)], self._stems_folded)
+            wb, bb, ws, bs = _cached(self, "stems", [t for s in stems for t in _convbn_tensors(s)],
+                                     lambda: self._stems_folded(packed=True))
             c = stems[0].conv
             relu6 = isinstance(stems[0].act, nn.ReLU6)
             if self.spec.split == 1 and self.merge is None:
-                y = F.conv2d(x, ws, bs, c.stride, c.padding)
-                return F.relu6(y, inplace=True) if relu6 else y
-            h = F.conv2d(x, wb, bb, c.stride, c.padding)
-            if relu6:
-                h = F.relu6(h, inplace=True)
+                return conv_bias_act(x, ws, bs, c.stride[0], c.padding[0], 1, relu6)
+            h = conv_bias_act(x, wb, bb, c.stride[0], c.padding[0], 1, relu6)
         for j in range(1, self.spec.split):
             blocks = self._branch_blocks(j)
             if self.training:
@@ -546,7 +564,8 @@ def _fold_head(head: nn.Module) -> tuple[tuple[torch.Tensor | None, torch.Tensor
         b = b + w @ t1
         w = w * s1[None, :]
         gdc = head.gdc.weight[:, 0]
-    return (gdc, w), b
+    w = w[:, :, None, None]
+    return (gdc, pack_conv_weight(w) if w.device.type == "cpu" else w), b
 
 
 def build_model(spec: ArchSpec) -> MobileNetV2:
