@@ -10,6 +10,8 @@ Providers:
 - onnxruntime      the plain model exported to ONNX (opset 17), CPU provider, ORT_ENABLE_ALL
 - fastface         the model's fused eval path: BN folded (weights cached, packed once), each
                    block one fastface.ops.ir_block call (C++ kernel), channels_last
+- fastface_frozen  fastface.models.freeze(model): the same ops, folded and packed once, with no
+                   per-call checks of the cached weights (what a deployment would run)
 - fastface_compile torch.compile of the fused model (ir_block stays one op in the graph)
 
 Providers run round-robin (ROUNDS rounds; each round runs every provider for ~TARGET_S), so
@@ -41,14 +43,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(ROOT, "build", "inductor-cache"))
 
 from fastface.arch import ArchSpec  # noqa: E402
-from fastface.models import build_model, folded_eval  # noqa: E402
+from fastface.models import build_model, folded_eval, freeze  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results")
 THREADS = int(os.environ.get("BENCH_THREADS", 2))
 BATCHES = [int(b) for b in os.environ.get("BENCH_BATCHES", "1,64").split(",")]
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 7))
 TARGET_S = float(os.environ.get("BENCH_TARGET_S", 0.25))
-ALL = ("eager", "eager_cl", "compile", "onnxruntime", "fastface", "fastface_compile")
+ALL = ("eager", "eager_cl", "compile", "onnxruntime", "fastface", "fastface_frozen", "fastface_compile")
 PROVIDERS = tuple(p for p in os.environ.get("BENCH_PROVIDERS", ",".join(ALL)).split(",") if p)
 # One block of each kind (t = 1 at 56x56, stride 2 at 56x56, residual 28x28 / 14x14 / 7x7, 4x4
 # with 960 expanded channels); BENCH_BLOCKS=all runs all 17.
@@ -128,6 +130,9 @@ def _providers(module: torch.nn.Module, x: torch.Tensor, tmp: str,
             out[name] = lambda sess=sess, feed=feed: sess.run(None, feed)
         elif name == "fastface":
             out[name] = lambda: _fused(fused, xcl)
+        elif name == "fastface_frozen":
+            frozen = freeze(fused)
+            out[name] = lambda frozen=frozen: _frozen(frozen, xcl)
         elif name == "fastface_compile":
             comp = torch.compile(copy.deepcopy(fused), dynamic=False)
             out[name] = lambda comp=comp: _fused(comp, xcl)
@@ -151,6 +156,11 @@ def _plain(module, x):
 
 def _fused(module, x):
     with torch.no_grad(), folded_eval(True):
+        return module(x)
+
+
+def _frozen(module, x):
+    with torch.no_grad():
         return module(x)
 
 
@@ -178,7 +188,7 @@ def _round_robin(benchmark, providers: dict[str, Callable[[], object]]) -> dict[
 def _ratios(t: dict[str, dict[str, float]]) -> dict[str, float]:
     """Speed of fastface (and fastface_compile) relative to each baseline: >1 means fastface is faster."""
     out = {}
-    for fast in ("fastface", "fastface_compile"):
+    for fast in ("fastface", "fastface_frozen", "fastface_compile"):
         if fast not in t:
             continue
         for base in ("eager", "eager_cl", "compile", "onnxruntime"):
@@ -190,8 +200,9 @@ def _ratios(t: dict[str, dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _profile(module, x, calls: int = 10) -> list[dict[str, float]]:
-    """Top ops of the fused provider by self CPU time per forward (torch.profiler), after warm-up."""
+def _profile(module, x, calls: int = 10) -> tuple[list[dict[str, float]], float]:
+    """Top ops of a fastface provider by self CPU time per forward (torch.profiler), after warm-up,
+    and the ms per forward of all ops together (the rest of a forward's time is Python)."""
     for _ in range(2):
         _fused(module, x)  # builds the folded-weight caches: not part of a forward's cost
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -199,8 +210,8 @@ def _profile(module, x, calls: int = 10) -> list[dict[str, float]]:
             _fused(module, x)
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in rows) or 1.0
-    return [{"op": e.key, "ms_per_forward": e.self_cpu_time_total / calls / 1e3, "calls_per_forward":
-             e.count / calls, "share": e.self_cpu_time_total / total} for e in rows[:10]]
+    return ([{"op": e.key, "ms_per_forward": e.self_cpu_time_total / calls / 1e3, "calls_per_forward":
+              e.count / calls, "share": e.self_cpu_time_total / total} for e in rows[:10]], total / calls / 1e3)
 
 
 def _save() -> None:
@@ -239,17 +250,22 @@ def test_whole_model(benchmark, batch):
         t = _round_robin(benchmark, providers)
     ratios = _ratios(t)
     fused = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    profile = _profile(fused, x.contiguous(memory_format=torch.channels_last), calls=10 if batch <= 8 else 3)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    calls = 10 if batch <= 8 else 3
+    profile, ops_ms = _profile(fused, xcl, calls)
+    frozen_profile, frozen_ops_ms = _profile(freeze(fused), xcl, calls)
     benchmark.extra_info.update({"seconds": {k: v["median_s"] for k, v in t.items()}, "ratios": ratios})
     _report.setdefault("whole_model", {})[str(batch)] = {
         "seconds": t, "images_per_s": {k: batch / v["median_s"] for k, v in t.items()}, "ratios": ratios,
-        "fastface_profile": profile, "load_avg_before": load, "load_avg_after": os.getloadavg()}
+        "fastface_profile": profile, "fastface_ops_ms_per_forward": ops_ms, "fastface_frozen_profile": frozen_profile,
+        "fastface_frozen_ops_ms_per_forward": frozen_ops_ms, "load_avg_before": load, "load_avg_after": os.getloadavg()}
     _save()
     _print("whole model (4x112x112 MobileNetV2 face, 512-d)", t, ratios, batch, load)
-    print("  fastface profile (self CPU time per forward):")
-    for row in profile[:8]:
-        print(f"    {row['op']:<36}{row['ms_per_forward']:8.3f} ms  {100 * row['share']:5.1f} %  "
-              f"x{row['calls_per_forward']:.0f}")
+    for name, rows, total in (("fastface", profile, ops_ms), ("fastface_frozen", frozen_profile, frozen_ops_ms)):
+        print(f"  {name} profile (self CPU time per forward; all ops {total:.3f} ms):")
+        for row in rows[:6]:
+            print(f"    {row['op']:<36}{row['ms_per_forward']:8.3f} ms  {100 * row['share']:5.1f} %  "
+                  f"x{row['calls_per_forward']:.0f}")
 
 
 def _block_indices(spec: ArchSpec) -> list[int]:
@@ -273,7 +289,7 @@ def test_blocks(benchmark, batch):
             x = torch.randn(batch, li.cin, li.size_in, li.size_in, generator=torch.Generator().manual_seed(i))
             key = f"block{i}_{li.cin}-{li.hidden}-{li.cout}_s{li.stride}_{li.size_in}x{li.size_in}"
             # A lone block compiled with its fused op is the op itself: no fastface_compile here.
-            names = tuple(p for p in PROVIDERS if p != "fastface_compile")
+            names = tuple(p for p in PROVIDERS if p not in ("fastface_compile", "fastface_frozen"))
             entries.append((key, _providers(model.layer(i), x, tmp, names)))
         # One benchmark over all blocks: every block's providers round-robin within each round.
         flat = {f"{key}|{name}": fn for key, provs in entries for name, fn in provs.items()}

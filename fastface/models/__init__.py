@@ -9,6 +9,7 @@ from fastface.models.mobilenetv2 import (
     resplit, split,
     transfer_weights,
 )
+from fastface.models.frozen import FrozenMobileNetV2, freeze
 
 _REGISTRY: dict[str, Callable[..., ArchSpec]] = {}
 
@@ -44,7 +45,8 @@ def list_models() -> list[str]:
 
 
 __all__ = [
-    "ConcatMerge", "ConvBNAct", "InvertedResidual", "MobileNetV2", "build_model", "create_model", "folded_eval", "fused_train",
+    "ConcatMerge", "ConvBNAct", "FrozenMobileNetV2", "InvertedResidual", "MobileNetV2", "build_model", "create_model",
+    "folded_eval", "freeze", "fused_train",
     "layer_modules",
     "list_models", "register_spec", "replicate", "resplit", "spec_by_name", "split", "transfer_weights",
 ]
