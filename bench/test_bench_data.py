@@ -1,7 +1,8 @@
 """Loader throughput: images/s of each backend on the same RecordIO set, 2 workers each.
 
 Backends: ``torch`` (DataLoader, 2 worker processes, OpenCV decode), ``dali`` (our sampler +
-DALI CPU pipeline, 2 threads: fastface's default where DALI is installed), ``dali-mxnet``
+DALI CPU pipeline, 2 threads: fastface's default where DALI is installed; the PGM set's depth
+goes in as raw uint16 maps, PNG depth through DALI's decoder), ``dali-mxnet``
 (DALI's own fn.readers.mxnet, 2 threads; no exact resume). Same records, batch 128, flip on,
 everything else off, normalised float N x C x 112 x 112 out. A round is one whole epoch
 (31 batches), as training reads them: restarting each epoch (torch: the sampler and the

@@ -325,3 +325,97 @@ def test_pipeline_reuse_across_epochs_and_after_abandoning(tiny):
     ld.set_epoch(0)
     again = list(ld)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(again, ref[0]))
+
+
+def _mixed_depth_set(tmp_path, broken: int | None = None) -> tuple[str, list[np.ndarray]]:
+    """112x112 RGB-D records whose depth is mostly the set's 16-bit PGM, with PNGs, an 8-bit PGM and a
+    PGM with another header among them; depth values use both bytes (big-endian order matters).
+    ``broken``: the key of a record whose depth PNG fails its CRC (complete, but undecodable)."""
+    from fastface.data.recordio import IRHeader, RecordWriter
+
+    rng = np.random.default_rng(11)
+    n, classes = 20, 4
+    path = str(tmp_path / "mixed.rec")
+    depths = []
+    with RecordWriter(path) as w:
+        w.write(0, IRHeader(2, (float(n + 1), float(n + 1 + classes))))
+        for key in range(1, n + 1):
+            rgb = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+            d = rng.integers(0, 65536, (112, 112), dtype=np.uint16)
+            d[0, :4] = [0x0102, 0x0201, 0xFF00, 0x00FF]
+            if key in (3, 11, broken):
+                dep = bytearray(encode_depth(d))
+                if key == broken:
+                    at = dep.find(b"IDAT")
+                    dep[at + 40 : at + 80] = b"\0" * 40
+                dep = bytes(dep)
+            elif key == 7:
+                d = (d >> 8).astype(np.uint8)
+                dep = b"P5\n112 112\n255\n" + d.tobytes()
+                d = d.astype(np.uint16) * 257
+            elif key == 15:
+                dep = b"P5 112 112 65535\n" + d.astype(">u2").tobytes()
+            else:
+                dep = encode_depth(d, fmt="pgm")
+            jpg = encode_rgb(rgb)
+            w.write(key, IRHeader(2, (float(key % classes), float(len(jpg)))), jpg + dep)
+            depths.append(d)
+        for c in range(classes):
+            w.write(n + 1 + c, IRHeader(2, (1.0, float(n + 1))))
+    return path, depths
+
+
+def test_raw_pgm_depth_equals_decoded_depth(tmp_path):
+    """The set's PGMs go in raw (byte-swapped from big-endian), other depths through OpenCV: the
+    tensors equal the torch backend's, and the DALI decoder's, augmentation on or off."""
+    path, depths = _mixed_depth_set(tmp_path)
+    src = RecordSource(path)
+    assert src.pgm_layout == (len(b"P5\n112 112\n65535\n"), 112, 112)
+    cfg = dict(path=path, batch_size=6, num_workers=2, drop_last=False, seed=3, device="cpu", channels="rgbd")
+    raw = DaliLoader(DataConfig(backend="dali", augment=False, shuffle=False, **cfg))
+    assert raw.raw_depth and not raw.resize
+    x = torch.cat([b for b, _ in raw])
+    for i, d in enumerate(depths):
+        assert torch.equal(x[i, 3:], torch.from_numpy(normalize_depth(d))), f"record {i + 1}"
+    t = TorchLoader(DataConfig(backend="torch", augment=False, shuffle=False, **{**cfg, "num_workers": 0}))
+    assert torch.equal(x, torch.cat([b for b, _ in t]))
+    for aug in (dict(flip=True), AUG):
+        a = DaliLoader(DataConfig(backend="dali", **aug, **cfg))
+        b = DaliLoader(DataConfig(backend="dali", **aug, **cfg))
+        b.raw_depth = False  # DALI's own decoder, as before
+        for e in (0, 1):
+            a.set_epoch(e)
+            b.set_epoch(e)
+            for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+                assert torch.equal(ya, yb) and torch.equal(xa, xb)
+        if aug == dict(flip=True):
+            ta = TorchLoader(DataConfig(backend="torch", **aug, **{**cfg, "num_workers": 0}))
+            ta.set_epoch(1)
+            for (xa, _), (xt, _) in zip(a, ta, strict=True):
+                assert torch.equal(xa, xt)
+
+
+def test_raw_depth_only_for_a_pgm_set_on_the_cpu(tiny, tiny_png):
+    assert DaliLoader(_cfg(tiny, backend="dali", channels="rgbd")).raw_depth
+    assert DaliLoader(_cfg(tiny, backend="dali", channels="depth")).raw_depth
+    assert not DaliLoader(_cfg(tiny, backend="dali", channels="rgb")).raw_depth
+    assert not DaliLoader(_cfg(tiny, path=os.path.join(tiny_png, "train.rec"), backend="dali", channels="rgbd")).raw_depth
+
+
+def test_raw_depth_undecodable_depth_raises_or_skips(tmp_path):
+    """A depth PNG that fails its CRC in a PGM set: the record is named, or skipped like any other."""
+    path, _ = _mixed_depth_set(tmp_path, broken=9)
+    cfg = dict(path=path, batch_size=6, num_workers=2, drop_last=False, device="cpu", augment=False, shuffle=False)
+    with pytest.raises(DataError, match=r"mixed\.rec record 9\b.*undecodable depth"):
+        list(DaliLoader(DataConfig(backend="dali", **cfg)))
+    ld = DaliLoader(DataConfig(backend="dali", skip_corrupt=True, **cfg))
+    got = list(ld)
+    t = TorchLoader(DataConfig(backend="torch", skip_corrupt=True, **{**cfg, "num_workers": 0}))
+    ref = list(t)
+    assert [len(y) for _, y in got] == [len(y) for _, y in ref] == [6, 5, 6, 2]
+    assert ld.skipped == t.skipped == [f"{path} record 9"]
+    for (xa, ya), (xb, yb) in zip(got, ref):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # The next epoch knows the record is bad and skips it without reading it again.
+    ld.set_epoch(1)
+    assert [len(y) for _, y in ld] == [6, 5, 6, 2] and ld.skipped.count(f"{path} record 9") == 2

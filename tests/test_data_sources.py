@@ -108,6 +108,13 @@ def _batched(src, idx, rgb: bool, depth: bool) -> list:
         out[j] = (int(b.labels[n]), bytes(b.rgb[n]) if rgb else None, bytes(b.depth[n]) if depth else None)
     assert len(b.kept) + len(b.errors) == len(idx) and all(o is not None for o in out)
     assert b.labels.dtype == np.int64 and len(b.labels) == len(b.kept)
+    # The raw-depth mask of a RecordIO set with PGM depth: set for the set's own 16-bit PGMs,
+    # clear for anything else (PNG); None where depth is not read or the source has no such layout.
+    if depth and len(b.kept) and getattr(src, "pgm_layout", None) is not None:
+        assert b.pgm is not None and b.pgm.dtype == bool and len(b.pgm) == len(b.kept)
+        assert b.pgm.tolist() == [bytes(d)[:2] == b"P5" and src.is_pgm(d) for d in b.depth]
+    elif not depth or getattr(src, "pgm_layout", None) is None:
+        assert b.pgm is None
     return out
 
 
@@ -133,6 +140,25 @@ def test_read_many_equals_read(mixed, data):
     idx = data.draw(st.lists(st.integers(0, len(src) - 1), min_size=0, max_size=24))
     rgb, depth = data.draw(st.sampled_from([(True, False), (True, True), (False, True)]))
     assert _batched(src, idx, rgb, depth) == _one_by_one(src, idx, rgb, depth)
+
+
+def test_pgm_layout_and_mask(mixed):
+    """The set's PGM layout is known (header length, height, width); read_many marks those depths."""
+    src, kinds = mixed
+    assert src.pgm_layout == (len(b"P5\n16 16\n65535\n"), 16, 16)
+    idx = [i for i, k in enumerate(kinds) if k in ("rgbd-pgm", "rgbd-png", "multipart")]
+    b = src.read_many(np.array(idx), rgb=True, depth=True)
+    assert not b.errors
+    assert b.pgm.tolist() == [kinds[i] in ("rgbd-pgm", "multipart") for i in idx]
+    # Every marked depth is its header then raw big-endian samples: what decode_depth reads.
+    k, h, w = src.pgm_layout
+    for d, raw in zip(b.depth, b.pgm):
+        if raw:
+            assert np.array_equal(np.frombuffer(bytes(d)[k:], ">u2").reshape(h, w), decode_depth(d))
+    pngs = [i for i, k in enumerate(kinds) if k == "rgbd-png"]
+    assert not src.read_many(np.array(pngs), rgb=False, depth=True).pgm.any()
+    assert src.read_many(np.array(idx), rgb=True, depth=False).pgm is None
+    assert not src.is_pgm(b"P5\n16 16\n65535\n") and not src.is_pgm(b"")
 
 
 def test_read_many_views_are_zero_copy(mixed):

@@ -7,7 +7,9 @@ standard formats:
 - ``pgm`` (the default of ``fastface data synth``): binary PGM, ``P5`` with maxval 65535,
   big-endian samples. Uncompressed: about 1.5x the bytes of the PNG, but it decodes 8-20x
   faster (OpenCV ~7 µs, DALI ~30 µs per 112x112 map instead of ~190-250 µs), and depth
-  decoding is otherwise the largest single cost of a CPU data pipeline.
+  decoding is otherwise the largest single cost of a CPU data pipeline. A set's PGMs share
+  one header, so the dali backend's CPU pipeline skips decoding: it byte-swaps the samples
+  behind the header into uint16 maps (``RecordSource.pgm_layout``).
 - ``png``: 16-bit grayscale PNG, the compact choice (and what image folders and older sets
   hold).
 

@@ -8,14 +8,30 @@ GPU (``mixed`` nvJPEG decode, GPU ops) where one exists, or in a CPU-only pipeli
 tensors to the torch backend.
 
 Where the CPU time goes, and what keeps it low (profile: bench/results/data_backends.json
-and the data section of the README): the Python side does no per-sample work (the batch's
-records are checked with numpy and passed as views of the mapped file, parameters are
-drawn for the whole batch, labels never enter DALI); decoding is libjpeg-turbo for RGB and,
-for the default PGM depth, a plain byte copy; one ``crop_mirror_normalize`` per modality
-does flip + normalise + HWC→CHW + cast; no resize is built for images already at the
-output size; RGB is written padded to 4 channels and depth copied into the padding instead
-of a float concatenation; and the output leaves DALI without a copy (DLPack, dynamic
-executor).
+and the data section of the README): the Python side does no per-sample decoding (the
+batch's records are checked with numpy and passed as views of the mapped file, parameters
+are drawn for the whole batch, labels never enter DALI); decoding is libjpeg-turbo for RGB,
+and the default PGM depth skips DALI's decoder altogether on a CPU pipeline: the set's own
+16-bit PGMs are raw big-endian samples behind one known header, which the feeder byte-swaps
+into a uint16 (N, H, W, 1) batch while copying it (~6 µs a map on the main thread, against
+~15 µs of DALI's PGM decode per map plus its per-sample parsing on an executor thread; any
+other depth in the set is decoded with OpenCV, as the torch backend does). One
+``crop_mirror_normalize`` per modality does flip + normalise + HWC→CHW + cast; no resize is
+built for images already at the output size; RGB is written padded to 4 channels and depth
+copied into the padding instead of a float concatenation; and the output leaves DALI without
+a copy (DLPack, dynamic executor).
+
+A steady-state profile of the bench set (RGB-D, 2 threads, ~170-200 CPU µs an image in all,
+perf): JPEG decode ~29 %, the RGB normalise ~23 %, the depth normalise ~7 %, kernel time of
+DALI's threads (first touch of each batch's fresh output pages) ~7 %, DALI's executor threads
+(op scheduling, per-sample image parsing) ~7 %, and the main thread ~20 % (feeding, of which
+DALI's own Python for ``feed_input`` is the larger part, the depth byte swap ~2 %, the depth
+copy into the padding ~3 %). The main thread's work overlaps the pipeline (a 3 ms sleep per
+batch in the feeder costs ~5 % throughput, not the ~17 % a serial stage would). What is left
+idle of the two cores (a fifth to a quarter, /proc/stat) is inside DALI: its two worker
+threads sleep between ops until an executor thread hands them the next one (perf sched: most
+of their sleeps end with an executor's wake-up); a third worker thread fills that gap, which
+the comparison at equal workers rules out.
 
 ``mxnet_reader_pipeline`` uses ``fn.readers.mxnet`` directly (DALI's C++ reader: its own
 sharding and buffer shuffle, so no exact replay on resume); it reads fastface's RecordIO
@@ -100,10 +116,11 @@ def _augment_graph(rgb, depth, args: dict, aug: augment.AugSettings, size: int, 
 class _Feeder:
     """DALI's external source: each call hands over the next batch's encoded bytes and parameters.
 
-    No per-sample Python on the common path: the source reads the whole batch as views of
-    the mapped file (``read_many``) and the augmentation parameters are drawn for the whole
-    batch at once. Labels and skipped names do not go through DALI: they wait in ``pending``,
-    in batch order, for the batch DALI returns.
+    No per-sample decoding in Python on the common path: the source reads the whole batch as
+    views of the mapped file (``read_many``), the augmentation parameters are drawn for the
+    whole batch at once, and raw PGM depth is one byte-swapping numpy copy per map. Labels
+    and skipped names do not go through DALI: they wait in ``pending``, in batch order, for
+    the batch DALI returns.
     """
 
     def __init__(self, loader: DaliLoader, epoch: int, start: int):
@@ -142,13 +159,23 @@ class _Feeder:
                     ld.bad.add(i)
                     skipped.append(ld.source.name(i))
             pos = pos[got.kept]
+            depth = got.depth
+            if ld.raw_depth and len(pos):
+                depth, bad = self._raw_depth(got, idx[pos])
+                if bad:
+                    if not ld.cfg.skip_corrupt:
+                        self.error = next(iter(bad.values()))
+                        raise self.error
+                    ld.bad.update(int(idx[pos[j]]) for j in bad)
+                    self.k -= 1  # read the batch again, without them
+                    continue
             if len(pos):
                 break
             # DALI takes no empty batch: this one is handed out as empty without DALI.
             self.pending.append((torch.zeros(0, dtype=torch.int64), skipped))
         p = augment.draw(ld.aug, ld.cfg.seed, self.epoch, idx[pos])
         self.pending.append((torch.from_numpy(got.labels), skipped))
-        out: dict[str, object] = {"rgb": got.rgb, "depth": got.depth, "flip": p.flip}
+        out: dict[str, object] = {"rgb": got.rgb, "depth": depth, "flip": p.flip}
         if "roi_start" in ld.arg_names:
             out["roi_start"], out["roi_end"] = np.ascontiguousarray(p.roi[:, :2]), np.ascontiguousarray(p.roi[:, 2:])
         if "brightness" in ld.arg_names:
@@ -160,6 +187,35 @@ class _Feeder:
                 noise[j] = augment.noise_field(p.noise_key[j], s) * p.noise_sigma[j]
             out["noise"] = noise
         return tuple(out[n] for n in ld.arg_names)
+
+    def _raw_depth(self, got, idx: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], dict[int, DataError]]:
+        """The batch's depth maps as uint16 (H, W, 1) arrays, for a pipeline without a depth decoder.
+
+        The set's own 16-bit PGMs (``got.pgm``) are raw big-endian samples after a known header:
+        numpy's assignment from the big-endian view swaps the bytes into one (N, H, W, 1) array
+        as it copies (~6 µs a map, against ~15 µs for DALI's PGM decoder plus its per-sample
+        parsing). Any other depth (a PNG, another PGM header) is decoded here with OpenCV, as the
+        torch backend does; an undecodable one is returned, by its position in the batch, as the
+        error naming its record.
+        """
+        src, views = self.ld.source, got.depth
+        k, h, w = src.pgm_layout
+        if got.pgm is not None and got.pgm.all():
+            out = np.empty((len(views), h * w), np.uint16)
+            for j, v in enumerate(views):
+                out[j] = v[k:].view(">u2")
+            return out.reshape(len(views), h, w, 1), {}
+        maps, bad = [], {}
+        for j, v in enumerate(views):
+            if got.pgm is not None and got.pgm[j]:
+                maps.append(v[k:].view(">u2").astype(np.uint16).reshape(h, w, 1))
+                continue
+            try:
+                maps.append(decode_depth(v)[:, :, None])
+            except DecodeError as e:
+                path, rec = src.locate(int(idx[j]))
+                bad[j] = DataError(path, str(e), rec)
+        return maps, bad
 
 
 def _native_size(source: RecordSource | FolderSource, channels: str, size: int) -> bool:
@@ -181,7 +237,9 @@ class DaliLoader(FaceLoader):
     Images come out of DALI without a copy (DLPack; the dynamic executor hands over
     ownership). A set whose first image has the output size is read without a resize; a
     batch that then comes out another size makes the loader rebuild with one and redo it.
-    A pipeline that ran to the end of its epoch serves the next epoch too.
+    A pipeline that ran to the end of its epoch serves the next epoch too. On a CPU pipeline
+    a RecordIO set with 16-bit PGM depth has its depth fed as raw uint16 maps (``raw_depth``),
+    with no DALI decoder for it.
     """
 
     backend = "dali"
@@ -203,6 +261,9 @@ class DaliLoader(FaceLoader):
         if self.aug.depth_noise > 0 and "d" in self.channels:
             names.append("noise")
         self.arg_names = names
+        # The set's own 16-bit PGM depth goes into a CPU pipeline as raw uint16 maps, not through
+        # DALI's decoder (see _Feeder._raw_depth).
+        self.raw_depth = "d" in self.channels and self.device_id is None and getattr(self.source, "pgm_layout", None) is not None
         self.resize = not _native_size(self.source, self.channels, cfg.image_size)
         # A pipeline whose epoch ran to its end, kept for the next one (no rebuild, no refill
         # from empty): (pipeline, its feeder, whether it resizes).
@@ -229,11 +290,14 @@ class DaliLoader(FaceLoader):
         pipe = Pipeline(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers), device_id=self.device_id,
                         prefetch_queue_depth=queue, seed=cfg.seed, exec_dynamic=True)
         with pipe:
-            outs = fn.external_source(source=feeder, num_outputs=len(self.arg_names), batch=True, parallel=False)
+            layouts = ["HWC" if n == "depth" and self.raw_depth else "" for n in self.arg_names]
+            outs = fn.external_source(source=feeder, num_outputs=len(self.arg_names), batch=True, parallel=False, layout=layouts)
             args = dict(zip(self.arg_names, outs))
             dec = "mixed" if gpu else "cpu"
             rgb = fn.decoders.image(args["rgb"], device=dec, output_type=types.RGB) if "rgb" in args else None
-            depth = fn.decoders.image(args["depth"], device=dec, output_type=types.ANY_DATA, dtype=types.UINT16) if "depth" in args else None
+            depth = args.get("depth")
+            if depth is not None and not self.raw_depth:
+                depth = fn.decoders.image(depth, device=dec, output_type=types.ANY_DATA, dtype=types.UINT16)
             images = _augment_graph(rgb, depth, args, self.aug, cfg.image_size, gpu, self.resize, join=False)
             pipe.set_outputs(*(images if isinstance(images, tuple) else (images,)))
         pipe.build()

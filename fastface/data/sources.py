@@ -32,6 +32,9 @@ class BatchBytes:
     rgb: list[np.ndarray]  # uint8 encoded RGB of each kept sample ([] when not asked for)
     depth: list[np.ndarray]  # uint8 encoded depth of each kept sample ([] when not asked for)
     errors: list[tuple[int, DataError]]  # (position, why) of each sample that could not be read
+    # Per kept sample, whether its depth is the set's own 16-bit PGM (``RecordSource.pgm_layout``:
+    # same header, exact length), i.e. raw big-endian samples at a known offset; None when not known.
+    pgm: np.ndarray | None = None
 
 
 def _read_each(src: Source, idx: np.ndarray, rgb: bool, depth: bool) -> BatchBytes:
@@ -95,6 +98,8 @@ class RecordSource:
         self._offsets = np.array([self.reader.offset(k) for k in self.keys], np.int64)
         self._pgm_head: bytes | None = None  # the PGM depth header of this set, for read_many
         self._pgm_bytes = 0
+        # (header bytes, height, width) of that PGM: its samples follow the header as raw big-endian uint16
+        self.pgm_layout: tuple[int, int, int] | None = None
         self.has_depth = self._probe_depth()
 
     def _num_classes(self) -> int:
@@ -125,6 +130,7 @@ class RecordSource:
                         return True  # the error surfaces, with the record named, when it is read
                     if maxval == 65535:
                         self._pgm_head, self._pgm_bytes = payload[n : n + start], start + 2 * w * hh
+                        self.pgm_layout = (start, hh, w)
                     return True
                 return payload[n : n + 8] == PNG_SIGNATURE
             return False
@@ -216,6 +222,7 @@ class RecordSource:
         ok &= jpeg | png
         # Complete depth when there is some: PNG signature ... IEND, or this set's PGM header + samples.
         has_d = two & (pe > re)
+        same = None
         dl = pe - re
         chk = ok & has_d & (dl >= 8)
         d0, d1 = np.where(chk, re, 0), np.where(chk, pe - 8, 0)
@@ -235,7 +242,8 @@ class RecordSource:
             rs, rend, de = ps.tolist(), re.tolist(), pe.tolist()
             return BatchBytes(np.arange(n, dtype=np.int64), labels,
                               [arr[a:b] for a, b in zip(rs, rend)] if rgb else [],
-                              [arr[a:b] for a, b in zip(rend, de)] if depth else [], [])
+                              [arr[a:b] for a, b in zip(rend, de)] if depth else [], [],
+                              same & has_d if depth and same is not None else None)
         kept, labs, rgbs, depths, errors = [], [], [], [], []
         for j in range(n):
             if not ok[j]:
@@ -257,7 +265,15 @@ class RecordSource:
                 rgbs.append(arr[int(ps[j]) : int(re[j])])
             if depth:
                 depths.append(arr[int(re[j]) : int(pe[j])])
-        return BatchBytes(np.array(kept, np.int64), np.array(labs, np.int64), rgbs, depths, errors)
+        pgm = None
+        if depth and self._pgm_head is not None:
+            pgm = np.array([self.is_pgm(d) for d in depths], bool)
+        return BatchBytes(np.array(kept, np.int64), np.array(labs, np.int64), rgbs, depths, errors, pgm)
+
+    def is_pgm(self, depth: np.ndarray | bytes) -> bool:
+        """Whether encoded ``depth`` is this set's 16-bit PGM (``pgm_layout``): same header, exact length."""
+        head = self._pgm_head
+        return head is not None and len(depth) == self._pgm_bytes and bytes(depth[: len(head)]) == head
 
 
 class FolderSource:
