@@ -11,13 +11,15 @@ same classes, data already in memory (the loader is measured in test_bench_data.
                          from compile alone, so the trainer's own share of the gain is visible
 - fastface               Trainer.train_step as the trainer runs it by default (channels_last, fused
                          SGD, on-device FastFace scheduler, non-finite skip, BN restore), fp32,
-                         eager; run.fused auto: on the CPU in eager mode that is the model's plain
-                         modules (measured faster than the fused kernels, see fastface_fused)
-- fastface_fused         the same with run.fused=true (fastface's fused depthwise conv+BN+ReLU6
-                         training kernels): fastface_fused / fastface_unfused = what they give
+                         eager; run.fused auto = fused (the same path as fastface_fused)
+- fastface_fused         the same with run.fused=true: in eager mode on the CPU, ATen's (oneDNN)
+                         convs with every BN (batch statistics) + residual add + ReLU6 as one
+                         fastface.ops.bn_act call, forward and backward, and the split stems' add
+                         merge folded into them: fastface_fused / fastface_unfused = what it gives
 - fastface_unfused       the same with run.fused=false (the model's plain PyTorch modules)
 - fastface_compile       the trainer with run.compile=true (torch.compile of the model; run.fused
-                         auto = the fused kernels, which inductor fuses around), fp32
+                         auto: under compile that is the dwconv_bn_act kernels for the depthwise
+                         stages, which inductor fuses around; bn_act is eager-only), fp32
 - fastface_unfused_compile   compile over the plain modules (inductor fuses BN + ReLU6 itself)
 - fastface_unfused_compile_bf16   the same under bf16 autocast (class centres and logits stay
                          fp32): a different precision, reported apart from the fp32 ratios; not in

@@ -43,6 +43,22 @@ TORCH_LIBRARY(fastface, m) {
   m.def(
       "dwconv_bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor gamma, Tensor beta, Tensor mean, "
       "Tensor invstd, int stride, bool relu6) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Training-mode BatchNorm (batch statistics over all dims but 1) + optional residual + optional
+  // ReLU6: y = act((x - mean) * invstd * gamma + beta [+ residual]). Returns y, the batch mean and
+  // 1/sqrt(biased var + eps); the running statistics are the caller's to update. CPU kernel only
+  // (channels_last is its fast layout); on other devices fastface.ops.bn_act runs the reference.
+  m.def("bn_act(Tensor x, Tensor gamma, Tensor beta, Tensor? residual, float eps, bool relu6) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Gradients of bn_act w.r.t. (x, gamma, beta) from the saved input x (the ReLU6 mask is
+  // recomputed; with ReLU6 it needs the residual too), plus, when relu6 and a residual are given,
+  // the residual's gradient (grad_y behind the mask); otherwise that output is empty (0 elements)
+  // and the residual's gradient is grad_y itself.
+  m.def(
+      "bn_act_backward(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor invstd, "
+      "Tensor? residual, bool relu6) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradient of a depthwise conv (weight C x 1 x k x k, no dilation) w.r.t. its H x W input: the
+  // transposed depthwise conv of grad_out. CPU kernel (channels_last is its fast layout).
+  m.def("dwconv_backward_input(Tensor grad_out, Tensor weight, int H, int W, int stride, int padding) -> Tensor");
   // One step of the FastFace LR scheduler: updates the float64 scheduler state in place from
   // the batch loss and writes base_lrs * factor * warmup into lrs, all on the loss's device.
   m.def(

@@ -221,8 +221,11 @@ def _assert_grads_close(ref, fused, rtol=1e-6):
 
 @pytest.mark.parametrize("split,merge,channels_last", [(0, "add", True), (3, "add", False), (4, "concat", True)])
 def test_fused_training_equals_unfused(monkeypatch, split, merge, channels_last):
-    """Training: outputs, every gradient and the BN running statistics match the plain modules."""
+    """Training with dwconv_bn_act (the GPU / compile path, forced on the CPU): outputs, every gradient
+    and the BN running statistics match the plain modules."""
     import copy
+
+    from fastface.models.mobilenetv2 import cpu_bn_act
 
     spec = small_face(split=split, merge=merge, width=0.35, input_size=32)
     ref = randomize(build_model(spec).double(), 3)
@@ -232,7 +235,8 @@ def test_fused_training_equals_unfused(monkeypatch, split, merge, channels_last)
         ref, fused = (m.to(memory_format=torch.channels_last) for m in (ref, fused))
         x = x.contiguous(memory_format=torch.channels_last)
     spy = _Spy(monkeypatch, "dwconv_bn_act")
-    _train_and_compare(ref, fused, x)
+    with cpu_bn_act(False):
+        _train_and_compare(ref, fused, x)
     # One call per block layer and step: the branch copies of a split layer share one (grouped) call.
     assert len(spy.calls) == 2 * len(spec.blocks)
     g = _grouped_layers(spec)
@@ -241,20 +245,107 @@ def test_fused_training_equals_unfused(monkeypatch, split, merge, channels_last)
     assert all(int(b) == 2 for n, b in fused.named_buffers() if n.endswith("num_batches_tracked"))
 
 
-def test_fused_training_cumulative_average_and_frozen_bn():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("split,merge", [(0, "add"), (1, "add"), (1, "concat"), (3, "add"), (4, "concat")])
+def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
+    """Training on eager CPU (channels_last): ATen convs + one bn_act per BN (residual add and the stems'
+    add merge folded in); outputs, every gradient and the running statistics match the plain modules."""
+    import copy
+
+    spec = small_face(split=split, merge=merge, width=0.35, input_size=32)
+    torch.manual_seed(SEED + split)
+    ref = build_model(spec).to(dtype)
+    if dtype == torch.float64:  # float32: the initialised net (a randomized one is too ill-conditioned at batch 4
+        ref = randomize(ref, 3)  # for float32 rounding to compare two orders of the same sums)
+    ref = ref.to(memory_format=torch.channels_last)
+    fused = copy.deepcopy(ref)
+    x = torch.randn(4, 4, 32, 32, dtype=dtype, generator=torch.Generator().manual_seed(SEED + split))
+    x = x.contiguous(memory_format=torch.channels_last)
+    bn_spy, dw_spy = _Spy(monkeypatch, "bn_act"), _Spy(monkeypatch, "dwconv_bn_act")
+    if dtype == torch.float64:
+        _train_and_compare(ref, fused, x)
+    else:
+        _train_and_compare_f32(ref, fused, x)
+    assert not dw_spy.calls
+    # Every BatchNorm2d of the trunk, stems and last conv runs in bn_act; grouped branch layers (split >= 2)
+    # run one call per BN position for all branches; a concat merge's BN stays the plain module.
+    from fastface.models.mobilenetv2 import ConvBNAct
+
+    g = len(spec.inputs)
+    n_conv = sum(isinstance(m, ConvBNAct) for m in fused.modules())
+    grouped = sum(isinstance(m, ConvBNAct) for j in range(1, spec.split) for mod in spec.inputs
+                  for m in fused.layer(j, mod).modules())
+    assert len(bn_spy.calls) == 2 * (n_conv - grouped + grouped // g)
+    assert all(int(b) == 2 for n, b in fused.named_buffers() if n.endswith("num_batches_tracked"))
+
+
+SEED = 0
+
+
+def _train_and_compare_f32(ref, fused, x, steps=2):
+    """float32: each step's output, gradients and running statistics of the fused path are as close to a
+    float64 run of the plain modules as float32 PyTorch's (flash-attention rule: a randomized BN net at
+    batch 3 is ill-conditioned, so a fixed tolerance would test the net, not the kernels)."""
+    import copy
+
+    from fastface.models.mobilenetv2 import fused_train
+
+    ref64 = copy.deepcopy(ref).double()
+    for step in range(steps):
+        outs, gy = [], None
+        for model, on in ((ref64, False), (ref, False), (fused, True)):
+            model.train().zero_grad()
+            with fused_train(on):
+                y = model(x.to(next(model.parameters()).dtype))
+            if gy is None:
+                gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            y.backward(gy.to(y.dtype))
+            outs.append(y.detach())
+        assert_fast_within_torch_error(outs[2], outs[1], outs[0], factor=4.0, floor=1e-5)
+        for (name, p64), p32, pf in zip(ref64.named_parameters(), ref.parameters(), fused.parameters()):
+            top = max(q.grad.abs().max().item() for q in ref64.parameters())
+            assert_fast_within_torch_error(pf.grad, p32.grad, p64.grad, factor=4.0, floor=1e-4 * top)
+        for (name, b64), b32, bf in zip(ref64.named_buffers(), ref.buffers(), fused.buffers()):
+            if b64.dtype.is_floating_point:
+                assert_fast_within_torch_error(bf, b32, b64, factor=4.0, floor=1e-5)
+            else:
+                assert torch.equal(bf, b32), name
+
+
+def test_bn_act_training_nchw_uses_the_plain_modules(monkeypatch):
+    import copy
+
+    spec = small_face(split=1, width=0.35, input_size=32)
+    ref = randomize(build_model(spec).double(), 5)
+    fused = copy.deepcopy(ref)
+    spy = _Spy(monkeypatch, "bn_act")
+    _train_and_compare(ref, fused, torch.randn(3, 4, 32, 32, dtype=torch.float64))
+    assert all(c[0].shape[-2:] == (1, 1) for c in spy.calls)  # only maps whose memory is NHWC as well
+
+
+@pytest.mark.parametrize("kernel", ["dwconv_bn_act", "bn_act"])
+def test_fused_training_cumulative_average_and_frozen_bn(monkeypatch, kernel):
     """momentum=None (cumulative running average), and a BN frozen in eval mode inside a training net."""
     import copy
+
+    from fastface.models.mobilenetv2 import cpu_bn_act
 
     ref = randomize(build_model(small_face(split=3, width=0.35, input_size=32)).double(), 4)
     for m in ref.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None
-    fused = copy.deepcopy(ref)
     x = torch.randn(2, 4, 32, 32, dtype=torch.float64)
-    _train_and_compare(ref, fused, x, steps=3)
-    ref.layer(3).dw.bn.eval()  # a frozen BN: the plain module path must take over (exactly)
-    fused.layer(3).dw.bn.eval()
-    _train_and_compare(ref, fused, x, steps=1)
+    if kernel == "bn_act":  # its fast layout; NCHW runs the plain modules
+        ref = ref.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    fused = copy.deepcopy(ref)
+    spy = _Spy(monkeypatch, kernel)
+    with cpu_bn_act(kernel == "bn_act"):
+        _train_and_compare(ref, fused, x, steps=3)
+        ref.layer(3).dw.bn.eval()  # a frozen BN: the plain module path must take over (exactly)
+        fused.layer(3).dw.bn.eval()
+        _train_and_compare(ref, fused, x, steps=1)
+    assert spy.calls
 
 
 def test_fused_training_rejects_a_single_value_per_channel_like_batchnorm():

@@ -23,12 +23,18 @@ Fused paths (fastface.ops; each computes the same function as the plain modules,
   of the C++ kernel on the CPU) and recomputed when a parameter or BN buffer changes (version
   counters), on train()/eval() and on .to(); never cached while autograd records or tracing.
   Writes through `.data` bypass version counters: call .eval() again after such a write.
-- training (`fused_train`, on by default): a depthwise ConvBNAct whose BN is in training mode
-  runs `dwconv_bn_act` (conv + batch-statistics BN + ReLU6 in one op whose backward recomputes
-  the conv) and updates the running statistics as nn.BatchNorm2d does.
+- training (`fused_train`, on by default), eager CPU: every ConvBNAct's BN (batch statistics) and
+  activation run as one `bn_act` call after ATen's conv, with the inverted-residual add (project
+  BN + x) and the split stems' "add" merge (bn_1(z_1) + bn_2(z_2), then ReLU6: a chain of bn_act
+  calls, no stacked copy) folded into the same calls; running statistics updated as
+  nn.BatchNorm2d does. Channels_last tensors only (NCHW: the plain modules).
+- training elsewhere (GPU, torch.compile, or `cpu_bn_act(False)`): a depthwise ConvBNAct whose BN
+  is in training mode runs `dwconv_bn_act` (conv + batch-statistics BN + ReLU6 in one op whose
+  backward recomputes the conv); the other layers are the plain modules (inductor fuses them).
 - split networks: the per-modality copies of layers 1 .. split-1 (same shapes by construction)
   run as one grouped call per layer (branch = group): `ir_block(groups=G)` in eval, grouped
-  1x1 convs + one `dwconv_bn_act` over the concatenated channels in training. In eval the
+  1x1 convs + one `dwconv_bn_act` over the concatenated channels in training (eager CPU: grouped
+  convs, each followed by one `bn_act` over the concatenated channels). In eval the
   branch stems are one conv too (block-diagonal weight; for split = 1 with the "add" merge,
   the summed stems are exactly one stem conv).
 """
@@ -43,11 +49,13 @@ from torch import nn
 
 from fastface.arch import ArchSpec, LayerInfo
 from fastface.models.heads import GDCHead, PoolHead, make_head
-from fastface.ops import conv_bias_act, dwconv_bn_act, ir_block, pack_conv_weight, pack_ir_weights
+from fastface.ops import bn_act, conv_bias_act, dwconv_bn_act, ir_block, pack_conv_weight, pack_ir_weights
+from fastface.ops.bn_act import DwConvFunction, dwconv_big_input
 
 
 _FOLDED_EVAL = [True]
 _FUSED_TRAIN = [True]
+_CPU_BN_ACT = [True]
 
 
 @contextlib.contextmanager
@@ -68,6 +76,17 @@ def fused_train(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _FUSED_TRAIN.pop()
+
+
+@contextlib.contextmanager
+def cpu_bn_act(enabled: bool) -> Iterator[None]:
+    """Inside the block, whether the fused training path on eager CPU runs bn_act after ATen's convs (on, the
+    default: measured fastest) or the GPU's choice (dwconv_bn_act for depthwise stages; for tests)."""
+    _CPU_BN_ACT.append(enabled)
+    try:
+        yield
+    finally:
+        _CPU_BN_ACT.pop()
 
 
 def _cached(module: nn.Module, slot: str, tensors: Sequence[torch.Tensor], make: Callable[[], Any]) -> Any:
@@ -153,6 +172,47 @@ def _check_batch(shape: Sequence[int]) -> int:
     return count
 
 
+def _eager_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the training BN layers after this input run fastface.ops.bn_act (eager CPU).
+
+    On the CPU in eager mode the convolutions stay ATen's (oneDNN) and every BatchNorm (batch
+    statistics) + residual add + ReLU6 that follows one runs as one bn_act call: measured faster
+    than both the plain modules and dwconv_bn_act (bench/test_bench_train.py, fastface_fused vs
+    fastface_unfused). Under torch.compile the plain modules stay (inductor fuses BN + ReLU6
+    itself, and bn_act would be an opaque call to it); on a GPU the depthwise stage keeps
+    dwconv_bn_act (CUDA/Triton kernels) and bn_act has no GPU kernel.
+    """
+    return (_CPU_BN_ACT[-1] and x.device.type == "cpu" and _fused_input(x, weight)
+            and not torch.compiler.is_compiling())
+
+
+def _bn_act_train(bns: Sequence[nn.BatchNorm2d], z: torch.Tensor, residual: torch.Tensor | None,
+                  relu6: bool) -> torch.Tensor:
+    """act(BN(z) + residual) in training for BNs over consecutive channel slices of z (same eps and momentum),
+    through fastface.ops.bn_act; the running statistics are updated as nn.BatchNorm2d does.
+
+    z (and the residual) not channels_last: the plain modules (the kernel's fast layout is NHWC;
+    ATen's NCHW batch norm is fast already).
+    """
+    cl = torch.channels_last  # (N x C x 1 x 1 maps count: their memory is the same matrix either way)
+    if not (z.is_contiguous(memory_format=cl) and (residual is None or residual.is_contiguous(memory_format=cl))
+            and z.dtype in (torch.float32, torch.float64)):
+        y = bns[0](z) if len(bns) == 1 else _grouped_bn_train(bns, z)
+        if residual is not None:
+            y = y + residual
+        return F.relu6(y) if relu6 else y
+    bn0 = bns[0]
+    count = _check_batch(z.shape)
+    if len(bns) == 1:
+        w, b = bn0.weight, bn0.bias
+    else:
+        w, b = torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])
+    y, mean, invstd = bn_act(z, w, b, residual, bn0.eps, relu6)
+    if bn0.training:
+        _update_running_stats(bns, mean, invstd, count)
+    return y
+
+
 class ConvBNAct(_FoldCacheOwner):
     """Conv (no bias) -> BatchNorm -> ReLU6 (or no activation)."""
 
@@ -168,6 +228,8 @@ class ConvBNAct(_FoldCacheOwner):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
+            if _FUSED_TRAIN[-1] and self._bn_act_fuses() and _eager_cpu(x, self.conv.weight):
+                return self.forward_bn_act(x)
             if _FUSED_TRAIN[-1] and self._fuses_dw() and _fused_input(x, self.conv.weight):
                 return self.forward_fused(x)
         elif (_FOLDED_EVAL[-1] and _bn_folds(self.bn) and isinstance(self.act, (nn.ReLU6, nn.Identity))
@@ -182,6 +244,24 @@ class ConvBNAct(_FoldCacheOwner):
             # In place: y is this call's own temporary (and a conv's backward never reads its output).
             return F.relu6(y, inplace=True) if isinstance(self.act, nn.ReLU6) else y
         return self.act(self.bn(self.conv(x)))
+
+    def _bn_act_fuses(self) -> bool:
+        """Whether forward_bn_act computes this module's training forward exactly."""
+        return _bn_trains(self.bn) and isinstance(self.act, (nn.ReLU6, nn.Identity))
+
+    def forward_bn_act(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(bn(conv(x)) [+ residual]) in training: the conv, then fastface.ops.bn_act (BN with batch
+        statistics, the residual add and ReLU6 in one op; running statistics updated as nn.BatchNorm2d).
+        A depthwise conv over a map of >= 32 MiB takes its input gradient from fastface's C++ kernel."""
+        c = self.conv
+        if (c.groups == c.in_channels == c.out_channels and c.bias is None and c.dilation == (1, 1)
+                and c.padding_mode == "zeros" and c.stride[0] == c.stride[1] and c.padding[0] == c.padding[1]
+                and isinstance(c.padding[0], int) and x.is_contiguous(memory_format=torch.channels_last)
+                and dwconv_big_input(x)):
+            z = DwConvFunction.apply(x, c.weight, c.stride[0], c.padding[0])
+        else:
+            z = c(x)
+        return _bn_act_train([self.bn], z, residual, isinstance(self.act, nn.ReLU6))
 
     def _fuses_dw(self) -> bool:
         """Whether forward_fused computes this module's training forward exactly."""
@@ -312,6 +392,8 @@ def _blocks_train_grouped(blocks: Sequence["InvertedResidual"]) -> bool:
 def _grouped_block_train(blocks: Sequence["InvertedResidual"], x: torch.Tensor) -> torch.Tensor:
     """Training forward of G same-shaped blocks on their concatenated channels (branch g = slice g)."""
     g, b0 = len(blocks), blocks[0]
+    if _eager_cpu(x, b0.project.conv.weight):
+        return _grouped_block_train_bn_act(blocks, x)
     h = x
     if b0.expand is not None:
         w = torch.cat([b.expand.conv.weight for b in blocks])
@@ -326,6 +408,22 @@ def _grouped_block_train(blocks: Sequence["InvertedResidual"], x: torch.Tensor) 
     w = torch.cat([b.project.conv.weight for b in blocks])
     y = _grouped_bn_train([b.project.bn for b in blocks], F.conv2d(h, w, None, 1, 0, 1, g))
     return x + y if b0.use_res else y
+
+
+def _grouped_block_train_bn_act(blocks: Sequence["InvertedResidual"], x: torch.Tensor) -> torch.Tensor:
+    """_grouped_block_train on eager CPU: grouped convs, each followed by one bn_act call."""
+    g, b0 = len(blocks), blocks[0]
+    h = x
+    if b0.expand is not None:
+        w = torch.cat([b.expand.conv.weight for b in blocks])
+        h = _bn_act_train([b.expand.bn for b in blocks], F.conv2d(h, w, None, 1, 0, 1, g), None, True)
+    c = b0.dw.conv
+    w = torch.cat([b.dw.conv.weight for b in blocks])
+    z = F.conv2d(h, w, None, c.stride, c.padding, c.dilation, h.shape[1])
+    h = _bn_act_train([b.dw.bn for b in blocks], z, None, isinstance(b0.dw.act, nn.ReLU6))
+    w = torch.cat([b.project.conv.weight for b in blocks])
+    return _bn_act_train([b.project.bn for b in blocks], F.conv2d(h, w, None, 1, 0, 1, g),
+                         x if b0.use_res else None, False)
 
 
 class InvertedResidual(_FoldCacheOwner):
@@ -349,7 +447,12 @@ class InvertedResidual(_FoldCacheOwner):
         if not self.training and _FOLDED_EVAL[-1] and _blocks_fold([self]):
             return self.forward_folded(x)
         h = self.expand(x) if self.expand is not None else x
-        y = self.project(self.dw(h))
+        h = self.dw(h)
+        p = self.project
+        if (self.use_res and self.training and p.training and _FUSED_TRAIN[-1] and p._bn_act_fuses()
+                and isinstance(p.act, nn.Identity) and _eager_cpu(h, p.conv.weight)):
+            return p.forward_bn_act(h, x)  # bn(conv(h)) + x in one pass
+        y = p(h)
         return x + y if self.use_res else y
 
     def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
@@ -440,16 +543,32 @@ class MobileNetV2(_FoldCacheOwner):
             x = self._grouped_branches(x)
         elif self.branches is not None:
             outs = []
+            ins = []
+            lasts = [self.branches[m][-1] for m in self.modalities]
+            # The "add" merge of ConvBNAct branch ends (split = 1: the stems) in training on eager CPU:
+            # act(bn_1(z_1) + ... + bn_G(z_G)) as a chain of bn_act calls (each adds the previous
+            # sum as its residual, the last applies the act): no stacked copy, no separate sum.
+            chain = (self.merge is None and self.training and _FUSED_TRAIN[-1] and _eager_cpu(x, lasts[0].conv.weight)
+                     and all(isinstance(m, ConvBNAct) and m.training and m._bn_act_fuses() for m in lasts)
+                     and all(type(m.act) is type(lasts[0].act) for m in lasts))
             for m, xm in zip(self.modalities, torch.split(x, self.in_splits, dim=1)):
                 branch = self.branches[m]
                 for layer in branch[:-1]:
                     xm = layer(xm)
-                outs.append(branch[-1](xm) if self.merge is not None else branch[-1].preact(xm))
-            if self.merge is not None:
+                if chain:
+                    ins.append(xm)
+                else:
+                    outs.append(branch[-1](xm) if self.merge is not None else branch[-1].preact(xm))
+            if chain:
+                x = None
+                for i, (m, xm) in enumerate(zip(lasts, ins)):
+                    relu6 = i == len(lasts) - 1 and isinstance(lasts[0].act, nn.ReLU6)
+                    x = _bn_act_train([m.bn], m.conv(xm), x, relu6)
+            elif self.merge is not None:
                 x = self.merge(outs)
             else:
                 # Summed before the last branch layer's activation: see fastface.arch.
-                x = self.branches[self.modalities[0]][-1].act(torch.stack(outs).sum(0))
+                x = self.branches[self.modalities[0]][-1].act(_sum(outs))
         x = self.trunk(x)
         return self.last(x)
 
@@ -529,7 +648,16 @@ class MobileNetV2(_FoldCacheOwner):
                 h = ir_block(h, *args, blocks[0].stride, blocks[0].use_res, g)
         if self.merge is not None:
             return self.merge.forward_cat(h)
-        return self.branches[self.modalities[0]][-1].act(torch.stack(h.chunk(g, 1)).sum(0))
+        return self.branches[self.modalities[0]][-1].act(_sum(h.chunk(g, 1)))
+
+
+def _sum(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """t_0 + t_1 + ... in order (what torch.stack(ts).sum(0) computes, without the stacked copy; the
+    result keeps the inputs' memory layout, so a channels_last net stays channels_last)."""
+    out = ts[0]
+    for t in ts[1:]:
+        out = out + t
+    return out
 
 
 def _head_folds(head: nn.Module, f: torch.Tensor) -> bool:

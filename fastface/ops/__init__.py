@@ -1,6 +1,7 @@
 """Fused ops with several backends (CUDA, Triton, C++ CPU) and a PyTorch reference each."""
 from __future__ import annotations
 
+from fastface.ops.bn_act import BNActFunction, bn_act, bn_act_backward, bn_act_backward_reference, bn_act_reference
 from fastface.ops.conv_bias_act import conv_bias_act, conv_bias_act_reference, pack_conv_weight
 from fastface.ops.dispatch import BACKENDS, BackendUnavailable, FusedOp, forced_backend, use_backend
 from fastface.ops.dwconv import dwconv2d, dwconv2d_reference
@@ -13,6 +14,7 @@ from fastface.ops.sched import SchedParams, sched_step, sched_step_reference
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "FusedOp", "MemoFusedOp", "forced_backend", "use_backend",
+    "BNActFunction", "bn_act", "bn_act_backward", "bn_act_backward_reference", "bn_act_reference",
     "conv_bias_act", "conv_bias_act_reference", "pack_conv_weight",
     "dwconv2d", "dwconv2d_reference",
     "DwConvBNActFunction", "dwconv_bn_act", "dwconv_bn_act_backward", "dwconv_bn_act_backward_reference",

@@ -93,10 +93,11 @@ class RunConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = True
     compile: bool = False
-    # fastface's fused training kernels (fastface.models.fused_train: depthwise conv + BN + ReLU6 in one
-    # op); false: the model's plain modules. None (auto): fused where they pay, i.e. under torch.compile
-    # or on a GPU; plain modules in eager mode on the CPU, where oneDNN's depthwise conv + ATen BN/ReLU6
-    # were measured faster (bench/results/train_throughput.json: fastface / fastface_unfused).
+    # fastface's fused training path (fastface.models.fused_train); false: the model's plain modules.
+    # Eager CPU: ATen's convs, each BN + residual add + ReLU6 one fastface.ops.bn_act call; under
+    # torch.compile or on a GPU: depthwise conv + BN + ReLU6 in one op (dwconv_bn_act). None (auto):
+    # fused, measured faster than the plain modules in each mode (bench/results/train_throughput.json:
+    # fastface_fused / fastface_unfused).
     fused: bool | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0

@@ -143,8 +143,11 @@ class Trainer:
         if run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.bn_flats = share_bn_buffers(self.model)
-        # run.fused None: the fused training kernels where they were measured faster (see RunConfig.fused).
-        self.fused_train = run.fused if run.fused is not None else (run.compile or self.device.type != "cpu")
+        # run.fused None (auto): the fused training path everywhere. It was measured faster than the
+        # plain modules in each mode: eager CPU runs ATen's convs + fastface.ops.bn_act (BN + residual +
+        # ReLU6 in one pass each way; bench/results/train_throughput.json, fastface_fused vs
+        # fastface_unfused), torch.compile and GPUs the dwconv_bn_act kernels (see RunConfig.fused).
+        self.fused_train = run.fused if run.fused is not None else True
         margin = margin_from_name(cfg.loss.margin, cfg.loss.s, cfg.loss.m1, cfg.loss.m2, cfg.loss.m3)
         self.pfc = PartialFC(margin, self.spec.head.dim, self.num_classes, cfg.loss.sample_rate,
                              self.dist.rank, self.dist.world_size).to(self.device)

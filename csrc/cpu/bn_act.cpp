@@ -1,0 +1,641 @@
+// Training-mode BatchNorm (batch statistics) + optional residual add + optional ReLU6 on the CPU,
+// forward and backward, for channels_last (NHWC) float32/float64 tensors:
+//
+//   y = act((x - mean) * (invstd * gamma) + beta [+ residual])
+//
+// The tensor is an M x C matrix (M = N*H*W pixels, channels contiguous): every pass streams it
+// once, channels vectorised, rows split into tasks.
+//
+// Forward, two passes:
+//   1. per chunk of rows (a few KiB, in L1/L2): mean and M2 in the input dtype (two sweeps over
+//      the cached chunk, so no E[x^2] - mean^2 cancellation), merged into the task's float64
+//      statistics with Chan's formula; tasks merged in task order (results do not depend on the
+//      thread count);
+//   2. y = act(fma(x - mean, invstd * gamma, beta) [+ residual]).
+// Backward, two passes (x is saved, not y: the ReLU6 mask is recomputed from x exactly as the
+// forward computed its pre-activation, so it is the forward's mask bit for bit):
+//   1. sum(g) and sum(g * xhat) per channel, g = grad_y behind the mask (float per chunk, float64
+//      per task, tasks summed in order) = grad_beta, grad_gamma;
+//   2. grad_x = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)); with a residual and ReLU6
+//      also g itself (the residual's gradient; without ReLU6 that is grad_y, returned by the caller).
+//
+// ATen's channels_last batch norm is the comparison: its backward ran at ~2 GB/s on the
+// [64, 96, 56, 56] maps of the face model (35 ms), and BN, hardtanh and hardtanh_backward each
+// stream the map again. NCHW tensors are converted on entry and exit (the model only calls this
+// op on channels_last tensors).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <cstdlib>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+namespace fastface {
+namespace {
+
+using simd::Vec;
+
+inline bool channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// The matrix view: M rows (pixels) x C channels, in NHWC (ChannelsLast) memory order.
+at::Tensor as_nhwc(const at::Tensor& t) {
+  return t.dim() == 4 ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous();
+}
+
+// Returns M (pixels per channel).
+int64_t check_args(const char* op, const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                   const c10::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.dim() == 4 || x.dim() == 2, op, ": x must be N x C x H x W (or N x C), got ", x.sizes());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(gamma.dim() == 1 && gamma.size(0) == C && beta.dim() == 1 && beta.size(0) == C, op,
+              ": gamma and beta must have C = ", C, " entries, got ", gamma.sizes(), " and ", beta.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, op, ": CPU kernel supports float32 and float64, got ", dt);
+  TORCH_CHECK(gamma.scalar_type() == dt && beta.scalar_type() == dt, op, ": dtypes differ (x is ", dt, ")");
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes(), op, ": residual must have x's shape ", x.sizes(), ", got ",
+                residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == dt, op, ": residual dtype ", residual->scalar_type(), " is not ", dt);
+  }
+  const int64_t M = x.numel() / std::max<int64_t>(C, 1);
+  TORCH_CHECK(C >= 1 && M >= 1, op, ": batch statistics need at least one element per channel, got ", x.sizes());
+  return M;
+}
+
+// Rows per chunk: a chunk (~16 KiB) stays in L1/L2 between the sweeps that reduce it.
+template <typename T>
+int64_t chunk_rows(int64_t C) {
+  return std::max<int64_t>(8, (16 * 1024 / int64_t(sizeof(T))) / C);
+}
+
+// The row partition into tasks depends on (M, C) only, never on the thread count: the per-task
+// float64 partials are merged in task order, so results are the same on any number of threads.
+struct Split {
+  int64_t ntasks, rows;  // rows per task (a multiple of the chunk)
+};
+
+template <typename T>
+Split split_rows(int64_t M, int64_t C) {
+  const int64_t cr = chunk_rows<T>(C);
+  const int64_t chunks = (M + cr - 1) / cr;
+  const int64_t ntasks = std::min<int64_t>(64, chunks);
+  const int64_t per = (chunks + ntasks - 1) / ntasks;
+  const int64_t rows = per * cr;
+  return {(M + rows - 1) / rows, rows};
+}
+
+// body(t) for every task on ATen's OpenMP threads (as dwconv_bn_act.cpp, and for the same reason:
+// this op runs between OpenMP-parallel ATen ops in training, where the task pool's spinning
+// helpers took cores from them); small problems run inline.
+template <class F>
+void for_tasks(int64_t elems, int64_t ntasks, F&& body) {
+  if (elems < (int64_t(1) << 15) || ntasks == 1) {
+    for (int64_t t = 0; t < ntasks; ++t) body(t);
+  } else {
+    at::parallel_for(0, ntasks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) body(t);
+    });
+  }
+}
+
+// Channel constants padded to whole vectors (lanes past C are 0), so loads need no masks.
+template <typename T>
+struct Padded {
+  std::vector<T> buf;
+  int64_t Cp;
+  explicit Padded(int64_t C, int n) : buf(size_t(simd::padded<T>(C) * n), T(0)), Cp(simd::padded<T>(C)) {}
+  T* operator[](int i) { return buf.data() + i * Cp; }
+};
+
+// ---- large outputs ----------------------------------------------------------------------------
+// glibc serves every allocation above its largest mmap threshold (32 MiB) with a fresh mmap, so
+// each write to a new [64, 96, 56, 56] float map first page-faults 77 MB in: ~13 ms of the ~17 ms
+// it took to allocate and fill one here (3.6 ms with the pages kept). Outputs this large reuse a
+// storage from a small process-wide cache once no tensor refers to it any more (its use count is
+// the cache's own), the way CUDA's caching allocator works; smaller ones come from the allocator.
+// At most kCached storages are kept (the training step's largest maps: a few per size), and at
+// most FASTFACE_BN_ACT_CACHE_MB MiB in all (default 1024; 0 turns the cache off): the memory
+// stays with the process, as CUDA's cached blocks do.
+constexpr int64_t kBigBytes = int64_t(32) << 20;
+constexpr size_t kCached = 6;
+
+int64_t cache_limit_bytes() {
+  static const int64_t b = [] {
+    const char* env = std::getenv("FASTFACE_BN_ACT_CACHE_MB");
+    const int64_t mb = env != nullptr && *env != '\0' ? std::atoll(env) : 1024;
+    return std::max<int64_t>(0, mb) << 20;
+  }();
+  return b;
+}
+
+at::Tensor empty_like_big(const at::Tensor& x) {
+  const int64_t nbytes = x.numel() * int64_t(x.element_size());
+  if (nbytes < kBigBytes || !x.is_contiguous(x.suggest_memory_format())) return at::empty_like(x);
+  static std::mutex mu;
+  static std::vector<c10::Storage> cache;
+  std::lock_guard<std::mutex> lk(mu);
+  for (const c10::Storage& st : cache) {
+    if (st.use_count() == 1 && int64_t(st.nbytes()) == nbytes && st.device() == x.device()) {
+      at::Tensor t = at::empty({0}, x.options());
+      t.set_(st, 0, x.sizes(), x.strides());
+      return t;
+    }
+  }
+  at::Tensor t = at::empty_like(x);
+  int64_t held = 0;
+  for (const c10::Storage& st : cache) held += int64_t(st.nbytes());
+  if (cache.size() < kCached && held + nbytes <= cache_limit_bytes()) {
+    cache.push_back(t.storage());
+  } else {
+    for (c10::Storage& st : cache) {  // replace an idle entry of another size
+      if (st.use_count() == 1 && held - int64_t(st.nbytes()) + nbytes <= cache_limit_bytes()) {
+        st = t.storage();
+        break;
+      }
+    }
+  }
+  return t;
+}
+
+// ---- row kernels ---------------------------------------------------------------------------
+// Each works on rows [r0, r1) of an M x C matrix through local restrict pointers (a lambda's
+// captured references would be reloaded after every store: measured ~3x slower), full
+// vectors unmasked, the channel tail (C % L) masked. Padded per-channel constants read past C
+// as 0.
+
+// s[c] += sum_r x[r, c]
+template <typename T>
+inline void rows_sum(const T* __restrict x, int64_t r0, int64_t r1, int64_t C, T* __restrict s) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const int64_t nfull = C / L;
+  const auto last = V::tail(C - nfull * L);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict xr = x + r * C;
+    for (int64_t o = 0; o < nfull * L; o += L) V::store(s + o, V::add(V::load(s + o), V::load(xr + o)));
+    if (nfull * L < C) V::store(s + nfull * L, V::add(V::load(s + nfull * L), V::load(xr + nfull * L, last)));
+  }
+}
+
+// q[c] += sum_r (x[r, c] - m[c])^2
+template <typename T>
+inline void rows_m2(const T* __restrict x, int64_t r0, int64_t r1, int64_t C, const T* __restrict m,
+                    T* __restrict q) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const int64_t nfull = C / L;
+  const auto last = V::tail(C - nfull * L);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict xr = x + r * C;
+    for (int64_t o = 0; o < nfull * L; o += L) {
+      const auto d = V::sub(V::load(xr + o), V::load(m + o));
+      V::store(q + o, V::fmadd(d, d, V::load(q + o)));
+    }
+    if (nfull * L < C) {
+      const int64_t o = nfull * L;
+      const auto d = V::sub(V::load(xr + o, last), V::load(m + o));
+      V::store(q + o, V::fmadd(d, d, V::load(q + o)));
+    }
+  }
+}
+
+// y = act(fma(x - mean, scale, beta) [+ res])
+template <typename T, bool RES, bool RELU6>
+inline void rows_normalize(const T* __restrict x, const T* __restrict res, int64_t r0, int64_t r1, int64_t C,
+                           const T* __restrict mean, const T* __restrict scale, const T* __restrict beta,
+                           T* __restrict y) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const int64_t nfull = C / L;
+  const auto last = V::tail(C - nfull * L);
+  const auto lo = V::zero(), hi = V::set1(T(6));
+  auto one = [&](int64_t off, int64_t o, typename V::mask m, bool full) {
+    auto v = V::fmadd(V::sub(full ? V::load(x + off + o) : V::load(x + off + o, m), V::load(mean + o)),
+                      V::load(scale + o), V::load(beta + o));
+    if (RES) v = V::add(v, full ? V::load(res + off + o) : V::load(res + off + o, m));
+    if (RELU6) v = V::min(V::max(v, lo), hi);
+    if (full)
+      V::store(y + off + o, v);
+    else
+      V::store(y + off + o, v, m);
+  };
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * C;
+    for (int64_t o = 0; o < nfull * L; o += L) one(off, o, V::full(), true);
+    if (nfull * L < C) one(off, nfull * L, last, false);
+  }
+}
+
+// Backward constants, padded: mean, scale (invstd * gamma, the forward's multiplier: same
+// rounding, same mask), beta, k1 (gamma * invstd), mg (mean g), mgz (invstd * mean(g * xhat)).
+template <typename T>
+struct BwdK {
+  const T* mean;
+  const T* scale;
+  const T* beta;
+  const T* k1;
+  const T* mg;
+  const T* mgz;
+};
+
+// g = grad_y behind the ReLU6 mask of the forward's pre-activation; xc = x - mean.
+template <typename T, bool RES, bool RELU6>
+inline void grad_xc(const T* __restrict x, const T* __restrict gy, const T* __restrict res, int64_t off, int64_t o,
+                    const BwdK<T>& k, typename Vec<T>::mask m, bool full, typename Vec<T>::reg& gv,
+                    typename Vec<T>::reg& xc) {
+  using V = Vec<T>;
+  xc = V::sub(full ? V::load(x + off + o) : V::load(x + off + o, m), V::load(k.mean + o));
+  gv = full ? V::load(gy + off + o) : V::load(gy + off + o, m);
+  if (RELU6) {
+    auto pre = V::fmadd(xc, V::load(k.scale + o), V::load(k.beta + o));
+    if (RES) pre = V::add(pre, full ? V::load(res + off + o) : V::load(res + off + o, m));
+    gv = V::keep_open(gv, pre, V::zero(), V::set1(T(6)));
+  }
+}
+
+// a[c] += sum_r g, b[c] += sum_r g * (x - mean)
+template <typename T, bool RES, bool RELU6>
+inline void rows_grad_sums(const T* __restrict x, const T* __restrict gy, const T* __restrict res, int64_t r0,
+                           int64_t r1, int64_t C, const BwdK<T> k, T* __restrict a, T* __restrict b) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const int64_t nfull = C / L;
+  const auto last = V::tail(C - nfull * L);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * C;
+    for (int64_t o = 0; o < C; o += L) {
+      const bool full = o < nfull * L;
+      typename V::reg gv, xc;
+      grad_xc<T, RES, RELU6>(x, gy, res, off, o, k, last, full, gv, xc);
+      V::store(a + o, V::add(V::load(a + o), gv));
+      V::store(b + o, V::fmadd(gv, xc, V::load(b + o)));
+    }
+  }
+}
+
+// gx = k1 * (g - mg - (x - mean) * mgz); gres = g (if given)
+template <typename T, bool RES, bool RELU6>
+inline void rows_grad_x(const T* __restrict x, const T* __restrict gy, const T* __restrict res, int64_t r0,
+                        int64_t r1, int64_t C, const BwdK<T> k, T* __restrict gx, T* __restrict gres) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const int64_t nfull = C / L;
+  const auto last = V::tail(C - nfull * L);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * C;
+    for (int64_t o = 0; o < C; o += L) {
+      const bool full = o < nfull * L;
+      typename V::reg gv, xc;
+      grad_xc<T, RES, RELU6>(x, gy, res, off, o, k, last, full, gv, xc);
+      const auto inner = V::sub(V::sub(gv, V::load(k.mg + o)), V::mul(xc, V::load(k.mgz + o)));
+      const auto d = V::mul(V::load(k.k1 + o), inner);
+      if (full) {
+        V::store(gx + off + o, d);
+        if (RES && RELU6) V::store(gres + off + o, gv);
+      } else {
+        V::store(gx + off + o, d, last);
+        if (RES && RELU6) V::store(gres + off + o, gv, last);
+      }
+    }
+  }
+}
+
+// f.template operator()<RES, RELU6>() for the runtime flags.
+template <class F>
+void dispatch_flags(bool res, bool relu6, F&& f) {
+  if (res && relu6)
+    f(std::true_type{}, std::true_type{});
+  else if (res)
+    f(std::true_type{}, std::false_type{});
+  else if (relu6)
+    f(std::false_type{}, std::true_type{});
+  else
+    f(std::false_type{}, std::false_type{});
+}
+
+// ---- forward ------------------------------------------------------------------------------
+
+template <typename T>
+void forward_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gamma, const T* beta, double eps,
+                    bool relu6, T* y, T* mean_out, T* invstd_out) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const int64_t Cp = simd::padded<T>(C);
+  const int64_t cr = chunk_rows<T>(C);
+  const Split sp = split_rows<T>(M, C);
+  std::vector<double> tmean(size_t(sp.ntasks * C)), tm2(size_t(sp.ntasks * C));
+  std::vector<int64_t> tcount(size_t(sp.ntasks), 0);
+  double* const tmean_p = tmean.data();
+  double* const tm2_p = tm2.data();
+  int64_t* const tcount_p = tcount.data();
+
+  for_tasks(M * C, sp.ntasks, [=](int64_t t) {
+    T* acc = simd::scratch<T, 3>(size_t(3 * Cp));
+    T* __restrict s = acc;
+    T* __restrict q = acc + Cp;
+    T* __restrict rm = acc + 2 * Cp;
+    double* __restrict mu = tmean_p + t * C;
+    double* __restrict m2 = tm2_p + t * C;
+    const int64_t r0 = t * sp.rows, r1 = std::min(M, r0 + sp.rows);
+    int64_t cnt = 0;
+    for (int64_t c0 = r0; c0 < r1; c0 += cr) {
+      const int64_t c1 = std::min(r1, c0 + cr), n = c1 - c0;
+      std::fill(s, s + 2 * Cp, T(0));
+      rows_sum<T>(x, c0, c1, C, s);
+      const auto inv_n = V::set1(T(1) / T(n));
+      for (int64_t o = 0; o < Cp; o += L) V::store(rm + o, V::mul(V::load(s + o), inv_n));
+      rows_m2<T>(x, c0, c1, C, rm, q);
+      // Lanes past C hold 0 (masked loads); only C are merged.
+      if (cnt == 0) {
+        for (int64_t c = 0; c < C; ++c) {
+          mu[c] = rm[c];
+          m2[c] = q[c];
+        }
+      } else {
+        const double na = double(cnt), nb = double(n), nab = na + nb, f = nb / nab, g = na * nb / nab;
+        for (int64_t c = 0; c < C; ++c) {
+          const double delta = double(rm[c]) - mu[c];
+          mu[c] += delta * f;
+          m2[c] += double(q[c]) + delta * delta * g;
+        }
+      }
+      cnt += n;
+    }
+    tcount_p[t] = cnt;
+  });
+
+  std::vector<double> mu(size_t(C), 0.0), m2(size_t(C), 0.0);
+  double cnt = 0;
+  for (int64_t t = 0; t < sp.ntasks; ++t) {
+    const double nb = double(tcount[size_t(t)]);
+    if (nb == 0) continue;
+    const double nab = cnt + nb;
+    for (int64_t c = 0; c < C; ++c) {
+      const double bm = tmean[size_t(t * C + c)], bq = tm2[size_t(t * C + c)];
+      if (cnt == 0) {
+        mu[size_t(c)] = bm;
+        m2[size_t(c)] = bq;
+      } else {
+        const double delta = bm - mu[size_t(c)];
+        mu[size_t(c)] += delta * nb / nab;
+        m2[size_t(c)] += bq + delta * delta * cnt * nb / nab;
+      }
+    }
+    cnt = nab;
+  }
+  Padded<T> k(C, 3);
+  T* meanP = k[0];
+  T* scaleP = k[1];
+  T* betaP = k[2];
+  for (int64_t c = 0; c < C; ++c) {
+    mean_out[c] = T(mu[size_t(c)]);
+    invstd_out[c] = T(1.0 / std::sqrt(m2[size_t(c)] / cnt + eps));
+    meanP[c] = mean_out[c];
+    scaleP[c] = invstd_out[c] * gamma[c];
+    betaP[c] = beta[c];
+  }
+
+  dispatch_flags(res != nullptr, relu6, [&](auto RES, auto RELU6) {
+    for_tasks(M * C, sp.ntasks, [=](int64_t t) {
+      const int64_t r0 = t * sp.rows, r1 = std::min(M, r0 + sp.rows);
+      rows_normalize<T, decltype(RES)::value, decltype(RELU6)::value>(x, res, r0, r1, C, meanP, scaleP, betaP, y);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cpu(const at::Tensor& x_, const at::Tensor& gamma_,
+                                                          const at::Tensor& beta_,
+                                                          const c10::optional<at::Tensor>& residual_, double eps,
+                                                          bool relu6) {
+  const int64_t M = check_args("bn_act", x_, gamma_, beta_, residual_);
+  TORCH_CHECK(eps >= 0, "bn_act: eps must be >= 0, got ", eps);
+  const int64_t C = x_.size(1);
+  const bool cl = channels_last(x_);
+  at::Tensor x = as_nhwc(x_);
+  at::Tensor res = residual_.has_value() ? as_nhwc(*residual_) : at::Tensor();
+  at::Tensor gamma = gamma_.contiguous(), beta = beta_.contiguous();
+  at::Tensor y = empty_like_big(x);  // same (NHWC) strides as x
+  at::Tensor mean = at::empty({C}, x.options()), invstd = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_cpu", [&] {
+    forward_kernel<scalar_t>(M, C, x.data_ptr<scalar_t>(), res.defined() ? res.data_ptr<scalar_t>() : nullptr,
+                             gamma.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(), eps, relu6,
+                             y.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>());
+  });
+  return {(cl || x_.dim() != 4) ? y : y.contiguous(), mean, invstd};
+}
+
+// ---- backward -----------------------------------------------------------------------------
+
+template <typename T>
+void backward_kernel(int64_t M, int64_t C, const T* gy, const T* x, const T* res, const T* gamma, const T* beta,
+                     const T* mean, const T* invstd, bool relu6, T* gx, T* gres, T* ggamma, T* gbeta) {
+  const int64_t Cp = simd::padded<T>(C);
+  const int64_t cr = chunk_rows<T>(C);
+  const Split sp = split_rows<T>(M, C);
+  Padded<T> kp(C, 6);
+  for (int64_t c = 0; c < C; ++c) {
+    kp[0][c] = mean[c];
+    kp[1][c] = invstd[c] * gamma[c];
+    kp[2][c] = beta[c];
+    kp[3][c] = gamma[c] * invstd[c];
+  }
+  const BwdK<T> k{kp[0], kp[1], kp[2], kp[3], kp[4], kp[5]};
+
+  std::vector<double> tsg(size_t(sp.ntasks * C), 0.0), tsgz(size_t(sp.ntasks * C), 0.0);
+  double* const tsg_p = tsg.data();
+  double* const tsgz_p = tsgz.data();
+  dispatch_flags(res != nullptr, relu6, [&](auto RES, auto RELU6) {
+    for_tasks(M * C, sp.ntasks, [=](int64_t t) {
+      T* acc = simd::scratch<T, 3>(size_t(2 * Cp));
+      T* __restrict a = acc;
+      T* __restrict b = acc + Cp;
+      double* __restrict sg = tsg_p + t * C;
+      double* __restrict sgz = tsgz_p + t * C;
+      const int64_t r0 = t * sp.rows, r1 = std::min(M, r0 + sp.rows);
+      for (int64_t c0 = r0; c0 < r1; c0 += cr) {
+        const int64_t c1 = std::min(r1, c0 + cr);
+        std::fill(acc, acc + 2 * Cp, T(0));
+        rows_grad_sums<T, decltype(RES)::value, decltype(RELU6)::value>(x, gy, res, c0, c1, C, k, a, b);
+        for (int64_t c = 0; c < C; ++c) {
+          sg[c] += double(a[c]);
+          sgz[c] += double(b[c]);
+        }
+      }
+    });
+  });
+  const double count = double(M);
+  T* mgP = kp[4];
+  T* mgzP = kp[5];
+  for (int64_t c = 0; c < C; ++c) {
+    double sa = 0, sb = 0;
+    for (int64_t t = 0; t < sp.ntasks; ++t) {
+      sa += tsg[size_t(t * C + c)];
+      sb += tsgz[size_t(t * C + c)];
+    }
+    sb *= double(invstd[c]);  // sum(g * (x - mean)) * invstd = sum(g * xhat)
+    gbeta[c] = T(sa);
+    ggamma[c] = T(sb);
+    mgP[c] = T(sa / count);
+    // xhat * mean(g * xhat) = (x - mean) * (invstd * mean(g * xhat)): one multiply per element.
+    mgzP[c] = T(sb / count * double(invstd[c]));
+  }
+
+  dispatch_flags(res != nullptr, relu6, [&](auto RES, auto RELU6) {
+    for_tasks(M * C, sp.ntasks, [=](int64_t t) {
+      const int64_t r0 = t * sp.rows, r1 = std::min(M, r0 + sp.rows);
+      rows_grad_x<T, decltype(RES)::value, decltype(RELU6)::value>(x, gy, res, r0, r1, C, k, gx, gres);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
+    const at::Tensor& grad_y_, const at::Tensor& x_, const at::Tensor& gamma_, const at::Tensor& beta_,
+    const at::Tensor& mean_, const at::Tensor& invstd_, const c10::optional<at::Tensor>& residual_, bool relu6) {
+  const int64_t M = check_args("bn_act_backward", x_, gamma_, beta_, residual_);
+  const int64_t C = x_.size(1);
+  TORCH_CHECK(grad_y_.sizes() == x_.sizes(), "bn_act_backward: grad_y must have x's shape ", x_.sizes(), ", got ",
+              grad_y_.sizes());
+  TORCH_CHECK(mean_.dim() == 1 && mean_.size(0) == C && invstd_.dim() == 1 && invstd_.size(0) == C,
+              "bn_act_backward: mean and invstd must have C = ", C, " entries");
+  for (const at::Tensor* t : {&grad_y_, &mean_, &invstd_})
+    TORCH_CHECK(t->scalar_type() == x_.scalar_type(), "bn_act_backward: dtypes differ (x is ", x_.scalar_type(),
+                ", got ", t->scalar_type(), ")");
+  const bool cl = channels_last(x_);
+  at::Tensor x = as_nhwc(x_), gy = as_nhwc(grad_y_);
+  const bool with_res = residual_.has_value() && relu6;  // without ReLU6 the mask needs no residual
+  at::Tensor res = with_res ? as_nhwc(*residual_) : at::Tensor();
+  at::Tensor gamma = gamma_.contiguous(), beta = beta_.contiguous(), mean = mean_.contiguous(),
+             invstd = invstd_.contiguous();
+  at::Tensor gx = empty_like_big(x);
+  at::Tensor gres = with_res ? empty_like_big(x) : at::empty({0}, x.options());
+  at::Tensor ggamma = at::empty({C}, x.options()), gbeta = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_cpu", [&] {
+    backward_kernel<scalar_t>(M, C, gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                              with_res ? res.data_ptr<scalar_t>() : nullptr, gamma.data_ptr<scalar_t>(),
+                              beta.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), relu6,
+                              gx.data_ptr<scalar_t>(), with_res ? gres.data_ptr<scalar_t>() : nullptr,
+                              ggamma.data_ptr<scalar_t>(), gbeta.data_ptr<scalar_t>());
+  });
+  const bool keep = cl || x_.dim() != 4;
+  return {keep ? gx : gx.contiguous(), ggamma, gbeta, (keep || !with_res) ? gres : gres.contiguous()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastface, CPU, m) {
+  m.impl("bn_act", &bn_act_cpu);
+  m.impl("bn_act_backward", &bn_act_backward_cpu);
+}
+
+}  // namespace fastface
+
+// ---- depthwise conv backward w.r.t. the input (channels_last) ------------------------------------
+// grad_x[n, iy, ix, c] = sum over (ky, kx) with iy = oy*S - P + ky, ix = ox*S - P + kx of
+// grad_out[n, oy, ox, c] * w[c, ky, kx]: a gather, so every grad_x pixel is written once (no zero
+// fill, no scatter), channels vectorised; large outputs come from the cache above. Tasks are bands
+// of (n, iy) rows; no reductions.
+namespace fastface {
+namespace {
+
+template <typename T>
+void dw_bwd_input_kernel(const T* gy, const T* wP, T* gx, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH,
+                         int64_t OW, int64_t K, int64_t S, int64_t P) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const int64_t nfull = C / L;
+  const auto last = V::tail(C - nfull * L);
+  std::vector<int64_t> xs(static_cast<size_t>(W * K * 2)), xn(static_cast<size_t>(W));
+  for (int64_t ix = 0; ix < W; ++ix) {
+    int64_t n = 0;
+    for (int64_t kx = 0; kx < K; ++kx) {
+      const int64_t o2 = ix + P - kx;
+      if (o2 < 0 || o2 % S != 0 || o2 / S >= OW) continue;
+      xs[size_t((ix * K + n) * 2)] = kx;
+      xs[size_t((ix * K + n) * 2 + 1)] = o2 / S;
+      ++n;
+    }
+    xn[size_t(ix)] = n;
+  }
+  const int64_t rows = N * H, ntasks = std::min<int64_t>(rows, 128), per = (rows + ntasks - 1) / ntasks;
+  const int64_t* xs_p = xs.data();
+  const int64_t* xn_p = xn.data();
+  for_tasks(rows * W * C, (rows + per - 1) / per, [=](int64_t t) {
+    int64_t ky_[16], oy_[16];
+    for (int64_t row = t * per; row < std::min(rows, (t + 1) * per); ++row) {
+      const int64_t n = row / H, iy = row % H;
+      int64_t ny = 0;
+      for (int64_t ky = 0; ky < K; ++ky) {
+        const int64_t o2 = iy + P - ky;
+        if (o2 < 0 || o2 % S != 0 || o2 / S >= OH) continue;
+        ky_[ny] = ky;
+        oy_[ny] = o2 / S;
+        ++ny;
+      }
+      T* __restrict gxr = gx + row * W * C;
+      const T* __restrict gyn = gy + n * OH * OW * C;
+      for (int64_t ix = 0; ix < W; ++ix) {
+        const int64_t nx = xn_p[ix];
+        const int64_t* px = xs_p + ix * K * 2;
+        for (int64_t o = 0; o < C; o += L) {
+          const bool full = o < nfull * L;
+          auto acc = V::zero();
+          for (int64_t a = 0; a < ny; ++a) {
+            const T* __restrict g = gyn + oy_[a] * OW * C + o;
+            const T* __restrict w = wP + ky_[a] * K * C + o;
+            for (int64_t b = 0; b < nx; ++b) {
+              const int64_t kx = px[2 * b], ox = px[2 * b + 1];
+              const auto gv = full ? V::load(g + ox * C) : V::load(g + ox * C, last);
+              const auto wv = full ? V::load(w + kx * C) : V::load(w + kx * C, last);
+              acc = V::fmadd(gv, wv, acc);
+            }
+          }
+          if (full)
+            V::store(gxr + ix * C + o, acc);
+          else
+            V::store(gxr + ix * C + o, acc, last);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor dwconv_backward_input_cpu(const at::Tensor& grad_out_, const at::Tensor& weight, int64_t H, int64_t W,
+                                     int64_t stride, int64_t padding) {
+  TORCH_CHECK(grad_out_.dim() == 4, "dwconv_backward_input: grad_out must be N x C x OH x OW, got ",
+              grad_out_.sizes());
+  const int64_t N = grad_out_.size(0), C = grad_out_.size(1), OH = grad_out_.size(2), OW = grad_out_.size(3);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == weight.size(3),
+              "dwconv_backward_input: weight must be C x 1 x k x k with C = ", C, ", got ", weight.sizes());
+  const int64_t K = weight.size(2);
+  TORCH_CHECK(K <= 16 && stride >= 1 && padding >= 0 && H >= 1 && W >= 1,
+              "dwconv_backward_input: need k <= 16, stride >= 1, padding >= 0, H, W >= 1");
+  TORCH_CHECK((H + 2 * padding - K) / stride + 1 == OH && (W + 2 * padding - K) / stride + 1 == OW,
+              "dwconv_backward_input: grad_out ", grad_out_.sizes(), " is not the output of a ", H, "x", W,
+              " input (k ", K, ", stride ", stride, ", padding ", padding, ")");
+  const auto dt = grad_out_.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "dwconv_backward_input: float32 and float64 only, got ", dt);
+  TORCH_CHECK(weight.scalar_type() == dt, "dwconv_backward_input: dtypes differ");
+  at::Tensor gy = grad_out_.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor wP = weight.reshape({C, K, K}).permute({1, 2, 0}).contiguous();
+  at::Tensor gx = empty_like_big(at::empty({0}, gy.options()).resize_({N, C, H, W}, at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES(dt, "dwconv_backward_input_cpu", [&] {
+    dw_bwd_input_kernel<scalar_t>(gy.data_ptr<scalar_t>(), wP.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), N, C,
+                                  H, W, OH, OW, K, stride, padding);
+  });
+  return channels_last(grad_out_) ? gx : gx.contiguous();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastface, CPU, m) { m.impl("dwconv_backward_input", &dwconv_backward_input_cpu); }
+
+}  // namespace fastface

@@ -1,0 +1,265 @@
+"""Training-mode BatchNorm (batch statistics) + optional residual add + optional ReLU6.
+
+    bn_act(x, gamma, beta, residual, eps, relu6) -> (y, mean, invstd)
+        y = act((x - mean) * invstd * gamma + beta [+ residual])
+    bn_act_backward(grad_y, x, gamma, beta, mean, invstd, residual, relu6)
+        -> (grad_x, grad_gamma, grad_beta, grad_residual_masked)
+
+x: N x C x H x W (or N x C); gamma, beta: C; residual: None or x's shape. `mean` and `invstd` are
+the batch mean and 1 / sqrt(biased variance + eps) per channel (statistics over every dim but 1),
+as F.batch_norm computes them in training; the running statistics are the caller's to update
+(unbiased variance, as nn.BatchNorm2d does). The backward recomputes the ReLU6 mask from x (and
+the residual) instead of saving y. Its fourth output is the residual's gradient when relu6 and a
+residual are given (grad_y behind the mask), else an empty tensor: the residual's gradient is
+then grad_y itself (the autograd wrappers return it without a copy).
+
+`bn_act(...)` dispatches C++ CPU -> reference (there is no CUDA or Triton kernel: on a GPU the
+reference runs, i.e. ATen's batch norm, which cuDNN/inductor already serve well) and returns y
+with autograd through `BNActFunction`. mean and invstd are not differentiable.
+`torch.ops.fastface.bn_act` itself is differentiable too (registered autograd: the backward op).
+
+Also here: `DwConvFunction`, a depthwise conv2d whose input gradient comes from the C++ kernel
+`dwconv_backward_input` (the training path uses it for maps of >= 32 MiB, see DW_BIG_BYTES).
+Outputs of >= 32 MiB of these CPU kernels reuse idle storages of a small process-wide cache
+(csrc/cpu/bn_act.cpp: empty_like_big).
+
+The references below define the semantics every backend is tested against.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from fastface._ext import has_op
+from fastface.ops._common import like_input
+from fastface.ops.ir_block import MemoFusedOp, extension_reasons
+
+OP = "fastface::bn_act"
+OP_BWD = "fastface::bn_act_backward"
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _c(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def bn_act_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor | None,
+                     eps: float, relu6: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: F.batch_norm in training (batch statistics), + residual, ReLU6."""
+    dims = _reduce_dims(x)
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    invstd = torch.rsqrt(var + eps)
+    y = F.batch_norm(x, None, None, gamma, beta, True, 0.0, eps)
+    if residual is not None:
+        y = y + residual
+    return (F.relu6(y) if relu6 else y), mean, invstd
+
+
+def bn_act_backward_reference(grad_y: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                              mean: torch.Tensor, invstd: torch.Tensor, residual: torch.Tensor | None,
+                              relu6: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. (x, gamma, beta) and the masked residual gradient: the BN backward in closed form."""
+    xhat = (x - _c(mean, x)) * _c(invstd, x)
+    g = grad_y
+    if relu6:
+        pre = (x - _c(mean, x)) * _c(invstd * gamma, x) + _c(beta, x)
+        if residual is not None:
+            pre = pre + residual
+        g = torch.where((pre > 0) & (pre < 6), grad_y, torch.zeros_like(grad_y))
+    dims = _reduce_dims(x)
+    count = x.numel() // x.shape[1]
+    grad_beta = g.sum(dim=dims)
+    grad_gamma = (g * xhat).sum(dim=dims)
+    grad_x = _c(gamma * invstd, x) * (g - _c(grad_beta / count, x) - xhat * _c(grad_gamma / count, x))
+    grad_res = g if (relu6 and residual is not None) else x.new_empty((0,))
+    return grad_x, grad_gamma, grad_beta, grad_res
+
+
+def bn_act_problems(x, gamma, beta, residual, eps, relu6) -> list[str]:
+    """What is wrong with these arguments (an empty list: nothing); every backend checks these."""
+    if x.dim() not in (2, 4):
+        return [f"x must be N x C x H x W or N x C, got shape {tuple(x.shape)}"]
+    c = x.shape[1]
+    why = []
+    if tuple(gamma.shape) != (c,) or tuple(beta.shape) != (c,):
+        why.append(f"gamma and beta must be ({c},), got {tuple(gamma.shape)} and {tuple(beta.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        why.append(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if not eps >= 0:
+        why.append(f"eps must be >= 0, got {eps!r}")
+    if c < 1 or x.numel() // max(c, 1) < 1:
+        why.append(f"batch statistics need at least one element per channel, got x of shape {tuple(x.shape)}")
+    tensors = [t for t in (x, gamma, beta, residual) if t is not None]
+    if len({t.dtype for t in tensors}) != 1:
+        why.append(f"dtypes differ: {sorted({str(t.dtype) for t in tensors})}")
+    if len({t.device for t in tensors}) != 1:
+        why.append(f"tensors on several devices: {sorted({str(t.device) for t in tensors})}")
+    return why
+
+
+if has_op("bn_act"):
+
+    @torch.library.register_fake(OP)
+    def _bn_act_fake(x, gamma, beta, residual, eps, relu6):
+        return like_input(x.new_empty(x.shape), x), x.new_empty((x.shape[1],)), x.new_empty((x.shape[1],))
+
+    @torch.library.register_fake(OP_BWD)
+    def _bn_act_backward_fake(grad_y, x, gamma, beta, mean, invstd, residual, relu6):
+        gres = like_input(x.new_empty(x.shape), x) if (relu6 and residual is not None) else x.new_empty((0,))
+        return like_input(x.new_empty(x.shape), x), gamma.new_empty(gamma.shape), beta.new_empty(beta.shape), gres
+
+    def _setup_context(ctx, inputs, output):
+        x, gamma, beta, residual, _eps, relu6 = inputs
+        _y, mean, invstd = output
+        ctx.has_res, ctx.relu6 = residual is not None, relu6
+        ctx.save_for_backward(x, gamma, beta, mean, invstd, residual if (relu6 and residual is not None) else None)
+        ctx.mark_non_differentiable(mean, invstd)
+
+    def _op_backward(ctx, grad_y, _grad_mean, _grad_invstd):
+        x, gamma, beta, mean, invstd, residual = ctx.saved_tensors
+        gx, gg, gb, gr = torch.ops.fastface.bn_act_backward(grad_y, x, gamma, beta, mean, invstd, residual, ctx.relu6)
+        if not ctx.has_res:
+            gr = None
+        elif not ctx.relu6:
+            gr = grad_y
+        return gx, gg, gb, gr, None, None
+
+    torch.library.register_autograd(OP, _op_backward, setup_context=_setup_context)
+
+
+# ---- backends -----------------------------------------------------------------------------
+
+
+def _cpp_reasons(x, gamma, beta, residual, eps, relu6) -> list[str]:
+    return bn_act_problems(x, gamma, beta, residual, eps, relu6) + extension_reasons(
+        "bn_act", (OP, OP_BWD), "CPU", "cpu", (torch.float32, torch.float64), x)
+
+
+def _ext_forward(x, gamma, beta, residual, eps, relu6):
+    return torch.ops.fastface.bn_act.default(x, gamma, beta, residual, eps, relu6)
+
+
+def _ext_backward(grad_y, x, gamma, beta, mean, invstd, residual, relu6):
+    return torch.ops.fastface.bn_act_backward.default(grad_y, x, gamma, beta, mean, invstd, residual, relu6)
+
+
+_FORWARD: dict[str, Callable[..., Any]] = {"cpp": _ext_forward, "reference": bn_act_reference}
+_BACKWARD: dict[str, Callable[..., Any]] = {"cpp": _ext_backward, "reference": bn_act_backward_reference}
+_REASONS: dict[str, Callable[..., list[str]]] = {"cpp": _cpp_reasons, "reference": bn_act_problems}
+
+
+class BNActFunction(torch.autograd.Function):
+    """Autograd for bn_act on one backend: saves x, gamma, beta, mean, invstd (and the residual
+    only when ReLU6 follows the add: the mask needs it)."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, residual, eps, relu6, backend):
+        y, mean, invstd = _FORWARD[backend](x, gamma, beta, residual, eps, relu6)
+        masked_res = relu6 and residual is not None
+        ctx.save_for_backward(x, gamma, beta, mean, invstd, residual if masked_res else None)
+        ctx.relu6, ctx.has_res, ctx.backend = relu6, residual is not None, backend
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_invstd):
+        x, gamma, beta, mean, invstd, residual = ctx.saved_tensors
+        gx, gg, gb, gr = _BACKWARD[ctx.backend](grad_y, x, gamma, beta, mean, invstd, residual, ctx.relu6)
+        if not ctx.has_res:
+            gr = None
+        elif not ctx.relu6:
+            gr = grad_y  # y = bn(x) + residual: the residual's gradient is grad_y itself
+        return gx, gg, gb, gr, None, None, None
+
+
+def _autograd_impl(backend: str) -> Callable[..., Any]:
+    def run(x, gamma, beta, residual, eps, relu6):
+        return BNActFunction.apply(x, gamma, beta, residual, eps, relu6, backend)
+
+    run.__name__ = f"bn_act_{backend}"
+    return run
+
+
+bn_act = MemoFusedOp("bn_act")
+bn_act.__doc__ = ("Training-mode BN + optional residual + optional ReLU6 with autograd: bn_act(x, gamma, beta, "
+                  "residual, eps, relu6) -> (y, mean, invstd).")
+bn_act_backward = MemoFusedOp("bn_act_backward")
+bn_act_backward.__doc__ = ("Gradients of bn_act: bn_act_backward(grad_y, x, gamma, beta, mean, invstd, residual, "
+                           "relu6) -> (grad_x, grad_gamma, grad_beta, grad_residual_masked).")
+
+
+def _backward_reasons(reasons: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    def check(grad_y, x, gamma, beta, mean, invstd, residual, relu6) -> list[str]:
+        why = reasons(x, gamma, beta, residual, 0.0, relu6)
+        if grad_y.shape != x.shape:
+            why.append(f"grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}")
+        if any(t.dtype != x.dtype or t.device != x.device for t in (grad_y, mean, invstd)):
+            why.append("grad_y, mean and invstd must match x's dtype and device")
+        return why
+
+    return check
+
+
+for _b in ("cpp", "reference"):
+    bn_act.register(_b, _REASONS[_b])(_autograd_impl(_b))
+    bn_act_backward.register(_b, _backward_reasons(_REASONS[_b]))(_BACKWARD[_b])
+del _b
+
+
+# ---- depthwise conv with the C++ input gradient ------------------------------------------------
+
+DW_OP = "fastface::dwconv_backward_input"
+# Inputs at least this large take the C++ input gradient: its output reuses an idle cached storage
+# instead of a fresh mmap (glibc maps every allocation above 32 MiB anew, and first-touch page faults
+# dominated): [64, 96, 56, 56] stride 2 took 29 ms in oneDNN and 6 ms here; below it oneDNN was faster.
+DW_BIG_BYTES = 32 << 20
+
+
+def dwconv_backward_input_reference(grad_out: torch.Tensor, weight: torch.Tensor, h: int, w: int, stride: int,
+                                    padding: int) -> torch.Tensor:
+    """Plain PyTorch: ATen's convolution backward w.r.t. the input of conv2d(groups=C)."""
+    x = grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], h, w))
+    return torch.ops.aten.convolution_backward(grad_out, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False,
+                                               [0, 0], grad_out.shape[1], [True, False, False])[0]
+
+
+if has_op("dwconv_backward_input"):
+
+    @torch.library.register_fake(DW_OP)
+    def _dwconv_backward_input_fake(grad_out, weight, h, w, stride, padding):
+        return like_input(grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], h, w)), grad_out)
+
+
+class DwConvFunction(torch.autograd.Function):
+    """Depthwise conv2d (no bias, no dilation): ATen's forward and weight gradient, the input gradient from
+    fastface.ops' C++ kernel (dwconv_backward_input) when the extension is loaded, else ATen's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding = stride, padding
+        return F.conv2d(x, weight, None, stride, padding, 1, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        s, p = ctx.stride, ctx.padding
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            fn = (torch.ops.fastface.dwconv_backward_input if has_op("dwconv_backward_input") and x.device.type == "cpu"
+                  and x.dtype in (torch.float32, torch.float64) else dwconv_backward_input_reference)
+            gx = fn(grad_out, weight, x.shape[2], x.shape[3], s, p)
+        if ctx.needs_input_grad[1]:
+            gw = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0],
+                                                     x.shape[1], [False, True, False])[1]
+        return gx, gw, None, None
+
+
+def dwconv_big_input(x: torch.Tensor) -> bool:
+    """Whether DwConvFunction's C++ input gradient pays for this (CPU, channels_last) input: >= DW_BIG_BYTES."""
+    return x.numel() * x.element_size() >= DW_BIG_BYTES
