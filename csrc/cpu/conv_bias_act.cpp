@@ -62,7 +62,7 @@ void conv_bias_act_kernel(const ConvDims& d, const T* x, const T* wP, const T* b
   // Below ~1M multiply-adds (~15 us on one core) handing out tasks costs more than it saves.
   const int64_t macs = d.N * d.OH * d.OW * KKC * GCout;
   const auto run = [&](int64_t ntasks, const std::function<void(int64_t)>& task) {
-    if (macs < (int64_t(1) << 20)) {
+    if (macs < pool::min_parallel_macs()) {
       for (int64_t t = 0; t < ntasks; ++t) task(t);
     } else {
       pool::parallel_tasks(ntasks, task);

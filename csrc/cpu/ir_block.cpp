@@ -184,7 +184,7 @@ void ir_block_kernel(const Dims& d, const T* x, const T* weT, const T* be, const
   };
   // Below ~1M multiply-adds (~15 us on one core) handing out tasks costs more than it saves.
   const int64_t macs = d.G * d.N * ((d.expand ? d.H * d.W * d.Cin * d.Ce : 0) + d.OH * d.OW * d.Ce * (d.K * d.K + d.Cout));
-  if (macs < (int64_t(1) << 20)) {
+  if (macs < pool::min_parallel_macs()) {
     for (int64_t t = 0; t < ntasks; ++t) task(t);
   } else {
     pool::parallel_tasks(ntasks, task);

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -135,6 +136,18 @@ class Pool {
   std::shared_ptr<Job> job_;
   std::vector<std::thread> helpers_;
 };
+
+// Below this many multiply-adds a fused kernel runs on the calling thread alone: handing out
+// tasks and waking a helper costs more than it saves. Default 1M (~15 us on one core);
+// FASTFACE_PARALLEL_MIN_MACS overrides it (read once).
+inline int64_t min_parallel_macs() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FASTFACE_PARALLEL_MIN_MACS");
+    const long long n = env != nullptr && *env != '\0' ? std::atoll(env) : 0;
+    return n > 0 ? int64_t(n) : (int64_t(1) << 20);
+  }();
+  return v;
+}
 
 // fn(t) for every t in [0, ntasks), on up to at::get_num_threads() threads (the caller
 // included); inline when there is one task, one thread, or we are already inside the pool.
