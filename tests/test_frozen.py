@@ -80,3 +80,15 @@ def test_freeze_rejects_what_it_cannot_fold():
     assert isinstance(net, FrozenMobileNetV2)
     with pytest.raises(ValueError, match=r"expected input N x 4"):
         net(torch.randn(1, 3, 32, 32))
+
+
+def test_frozen_net_evaluates_like_the_model():
+    """Verification code that asks a model for its device works on a frozen net (no parameters)."""
+    from fastface.eval.verification import embed
+
+    model = randomize(build_model(small_face(split=1, width=0.5, input_size=32)), 4).eval()
+    x = torch.randn(4, 4, 32, 32)
+    net = freeze(model)
+    assert net.device == torch.device("cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(embed(net, x, batch_size=3), embed(model, x, batch_size=3), atol=1e-4, rtol=1e-4)

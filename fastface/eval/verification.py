@@ -89,12 +89,21 @@ def _np(x) -> np.ndarray:
 
 
 @torch.no_grad()
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's tensors live: its first parameter or buffer, or its `device` attribute (a frozen net)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device(getattr(model, "device", "cpu"))
+
+
 def embed(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 128, flip: bool = True,
           device: torch.device | str | None = None, channels_last: bool = False) -> torch.Tensor:
     """Embeddings of images (N x C x H x W, normalised), plus those of their horizontal flips."""
     was_training = model.training
     model.eval()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else _device_of(model)
     out = []
     try:
         for i in range(0, images.shape[0], batch_size):

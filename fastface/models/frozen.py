@@ -141,6 +141,15 @@ class FrozenMobileNetV2(nn.Module):
         steps += [(conv_bias_act, (w, b, 1, 0, 1, False)), (_flatten, ())]
         return steps
 
+    @property
+    def device(self) -> torch.device:
+        """Where the folded weights live (a frozen net has no parameters to ask)."""
+        for _, args in self.steps:
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    return a.device
+        return torch.device("cpu")
+
     def _run(self, x: torch.Tensor, key: tuple | None) -> torch.Tensor:
         """A forward that picks each op's backend; remembered under `key` (None: not remembered)."""
         fns, h = [], x
