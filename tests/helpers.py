@@ -14,3 +14,11 @@ def assert_fast_within_torch_error(fast: torch.Tensor, torch_same: torch.Tensor,
     scale = max(1.0, ref.abs().max().item())
     assert err_fast <= factor * err_torch + floor * scale, (
         f"fast-path error {err_fast:.3e} > {factor} x torch error {err_torch:.3e} (+ floor {floor * scale:.1e})")
+
+
+def assert_layout_follows_input(y: torch.Tensor, x: torch.Tensor, channels_last: bool) -> None:
+    """A fused op's output is channels_last exactly when its input was (and the layout is not ambiguous)."""
+    if channels_last and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1 and y.shape[2] * y.shape[3] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    else:
+        assert y.is_contiguous()

@@ -6,7 +6,7 @@ import torch
 
 from fastface._ext import HAS_EXT
 from fastface.ops import BackendUnavailable, conv_bias_act, conv_bias_act_reference, pack_conv_weight, use_backend
-from helpers import assert_fast_within_torch_error
+from helpers import assert_fast_within_torch_error, assert_layout_follows_input
 
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="fastface._C not built")
 
@@ -55,11 +55,7 @@ def test_cpp_matches_reference(shape, channels_last, relu6):
         y = conv_bias_act(*args)
     ref64 = conv_bias_act_reference(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
     assert y.shape == ref64.shape and y.dtype == torch.float32
-    x = args[0]
-    if channels_last and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1 and y.shape[2] * y.shape[3] > 1:
-        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-    else:
-        assert y.is_contiguous()
+    assert_layout_follows_input(y, args[0], channels_last)
     assert_fast_within_torch_error(y, conv_bias_act_reference(*args), ref64)
     args64 = tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
     with use_backend("cpp"):

@@ -35,6 +35,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "moments.h"
 #include "simd.h"
 
 namespace fastface {
@@ -373,25 +374,8 @@ void forward_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gam
     tcount_p[t] = cnt;
   });
 
-  std::vector<double> mu(size_t(C), 0.0), m2(size_t(C), 0.0);
-  double cnt = 0;
-  for (int64_t t = 0; t < sp.ntasks; ++t) {
-    const double nb = double(tcount[size_t(t)]);
-    if (nb == 0) continue;
-    const double nab = cnt + nb;
-    for (int64_t c = 0; c < C; ++c) {
-      const double bm = tmean[size_t(t * C + c)], bq = tm2[size_t(t * C + c)];
-      if (cnt == 0) {
-        mu[size_t(c)] = bm;
-        m2[size_t(c)] = bq;
-      } else {
-        const double delta = bm - mu[size_t(c)];
-        mu[size_t(c)] += delta * nb / nab;
-        m2[size_t(c)] += bq + delta * delta * cnt * nb / nab;
-      }
-    }
-    cnt = nab;
-  }
+  std::vector<double> mu, m2;
+  const double cnt = merge_task_moments(sp.ntasks, C, tmean, tm2, tcount, mu, m2);
   Padded<T> k(C, 3);
   T* meanP = k[0];
   T* scaleP = k[1];

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "fused_tiles.h"
+#include "moments.h"
 
 namespace fastface {
 namespace {
@@ -185,26 +186,8 @@ void forward_kernel(const Geo& g, const T* x, const T* wP, const T* gamma, const
     }
   });
 
-  // Merge the tasks in order: the result is independent of the thread count.
-  std::vector<double> mu(size_t(C), 0.0), m2(size_t(C), 0.0);
-  double cnt = 0;
-  for (int64_t t = 0; t < ntasks; ++t) {
-    const double nb = double(tcount[size_t(t)]);
-    if (nb == 0) continue;
-    const double nab = cnt + nb;
-    for (int64_t c = 0; c < C; ++c) {
-      const double bm = tmean[size_t(t * C + c)], bq = tm2[size_t(t * C + c)];
-      if (cnt == 0) {
-        mu[size_t(c)] = bm;
-        m2[size_t(c)] = bq;
-      } else {
-        const double delta = bm - mu[size_t(c)];
-        mu[size_t(c)] += delta * nb / nab;
-        m2[size_t(c)] += bq + delta * delta * cnt * nb / nab;
-      }
-    }
-    cnt = nab;
-  }
+  std::vector<double> mu, m2;
+  const double cnt = merge_task_moments(ntasks, C, tmean, tm2, tcount, mu, m2);
   std::vector<T> scale(size_t(Cp), T(0)), meanT(size_t(Cp), T(0)), betaP(size_t(Cp), T(0));
   for (int64_t c = 0; c < C; ++c) {
     mean_out[c] = T(mu[size_t(c)]);
