@@ -30,8 +30,6 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-#include <cstdlib>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -116,56 +114,6 @@ struct Padded {
   explicit Padded(int64_t C, int n) : buf(size_t(simd::padded<T>(C) * n), T(0)), Cp(simd::padded<T>(C)) {}
   T* operator[](int i) { return buf.data() + i * Cp; }
 };
-
-// ---- large outputs ----------------------------------------------------------------------------
-// glibc serves every allocation above its largest mmap threshold (32 MiB) with a fresh mmap, so
-// each write to a new [64, 96, 56, 56] float map first page-faults 77 MB in: ~13 ms of the ~17 ms
-// it took to allocate and fill one here (3.6 ms with the pages kept). Outputs this large reuse a
-// storage from a small process-wide cache once no tensor refers to it any more (its use count is
-// the cache's own), the way CUDA's caching allocator works; smaller ones come from the allocator.
-// At most kCached storages are kept (the training step's largest maps: a few per size), and at
-// most FASTFACE_BN_ACT_CACHE_MB MiB in all (default 1024; 0 turns the cache off): the memory
-// stays with the process, as CUDA's cached blocks do.
-constexpr int64_t kBigBytes = int64_t(32) << 20;
-constexpr size_t kCached = 6;
-
-int64_t cache_limit_bytes() {
-  static const int64_t b = [] {
-    const char* env = std::getenv("FASTFACE_BN_ACT_CACHE_MB");
-    const int64_t mb = env != nullptr && *env != '\0' ? std::atoll(env) : 1024;
-    return std::max<int64_t>(0, mb) << 20;
-  }();
-  return b;
-}
-
-at::Tensor empty_like_big(const at::Tensor& x) {
-  const int64_t nbytes = x.numel() * int64_t(x.element_size());
-  if (nbytes < kBigBytes || !x.is_contiguous(x.suggest_memory_format())) return at::empty_like(x);
-  static std::mutex mu;
-  static std::vector<c10::Storage> cache;
-  std::lock_guard<std::mutex> lk(mu);
-  for (const c10::Storage& st : cache) {
-    if (st.use_count() == 1 && int64_t(st.nbytes()) == nbytes && st.device() == x.device()) {
-      at::Tensor t = at::empty({0}, x.options());
-      t.set_(st, 0, x.sizes(), x.strides());
-      return t;
-    }
-  }
-  at::Tensor t = at::empty_like(x);
-  int64_t held = 0;
-  for (const c10::Storage& st : cache) held += int64_t(st.nbytes());
-  if (cache.size() < kCached && held + nbytes <= cache_limit_bytes()) {
-    cache.push_back(t.storage());
-  } else {
-    for (c10::Storage& st : cache) {  // replace an idle entry of another size
-      if (st.use_count() == 1 && held - int64_t(st.nbytes()) + nbytes <= cache_limit_bytes()) {
-        st = t.storage();
-        break;
-      }
-    }
-  }
-  return t;
-}
 
 // ---- row kernels ---------------------------------------------------------------------------
 // Each works on rows [r0, r1) of an M x C matrix through local restrict pointers (a lambda's
@@ -407,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cpu(const at::Tensor& x_, 
   at::Tensor x = as_nhwc(x_);
   at::Tensor res = residual_.has_value() ? as_nhwc(*residual_) : at::Tensor();
   at::Tensor gamma = gamma_.contiguous(), beta = beta_.contiguous();
-  at::Tensor y = empty_like_big(x);  // same (NHWC) strides as x
+  at::Tensor y = at::empty_like(x);  // same (NHWC) strides as x
   at::Tensor mean = at::empty({C}, x.options()), invstd = at::empty({C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_cpu", [&] {
     forward_kernel<scalar_t>(M, C, x.data_ptr<scalar_t>(), res.defined() ? res.data_ptr<scalar_t>() : nullptr,
@@ -499,8 +447,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
   at::Tensor res = with_res ? as_nhwc(*residual_) : at::Tensor();
   at::Tensor gamma = gamma_.contiguous(), beta = beta_.contiguous(), mean = mean_.contiguous(),
              invstd = invstd_.contiguous();
-  at::Tensor gx = empty_like_big(x);
-  at::Tensor gres = with_res ? empty_like_big(x) : at::empty({0}, x.options());
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gres = with_res ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor ggamma = at::empty({C}, x.options()), gbeta = at::empty({C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_cpu", [&] {
     backward_kernel<scalar_t>(M, C, gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
@@ -525,7 +473,7 @@ TORCH_LIBRARY_IMPL(fastface, CPU, m) {
 // ---- depthwise conv backward w.r.t. the input (channels_last) ------------------------------------
 // grad_x[n, iy, ix, c] = sum over (ky, kx) with iy = oy*S - P + ky, ix = ox*S - P + kx of
 // grad_out[n, oy, ox, c] * w[c, ky, kx]: a gather, so every grad_x pixel is written once (no zero
-// fill, no scatter), channels vectorised; large outputs come from the cache above. Tasks are bands
+// fill, no scatter), channels vectorised. Tasks are bands
 // of (n, iy) rows; no reductions.
 namespace fastface {
 namespace {
@@ -610,7 +558,7 @@ at::Tensor dwconv_backward_input_cpu(const at::Tensor& grad_out_, const at::Tens
   TORCH_CHECK(weight.scalar_type() == dt, "dwconv_backward_input: dtypes differ");
   at::Tensor gy = grad_out_.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor wP = weight.reshape({C, K, K}).permute({1, 2, 0}).contiguous();
-  at::Tensor gx = empty_like_big(at::empty({0}, gy.options()).resize_({N, C, H, W}, at::MemoryFormat::ChannelsLast));
+  at::Tensor gx = at::empty({N, C, H, W}, gy.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(dt, "dwconv_backward_input_cpu", [&] {
     dw_bwd_input_kernel<scalar_t>(gy.data_ptr<scalar_t>(), wP.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), N, C,
                                   H, W, OH, OW, K, stride, padding);

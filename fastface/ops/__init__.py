@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from fastface.ops.bn_act import BNActFunction, bn_act, bn_act_backward, bn_act_backward_reference, bn_act_reference
 from fastface.ops.conv_bias_act import conv_bias_act, conv_bias_act_reference, pack_conv_weight
+from fastface.ops.cpu_cache import (
+    CpuCacheInfo, cpu_cache, cpu_cache_info, empty_cpu_cache, set_cpu_cache_enabled, set_cpu_cache_limit,
+)
 from fastface.ops.dispatch import BACKENDS, BackendUnavailable, FusedOp, forced_backend, use_backend
 from fastface.ops.dwconv import dwconv2d, dwconv2d_reference
 from fastface.ops.dwconv_bn_act import (
@@ -16,6 +19,7 @@ __all__ = [
     "BACKENDS", "BackendUnavailable", "FusedOp", "MemoFusedOp", "forced_backend", "use_backend",
     "BNActFunction", "bn_act", "bn_act_backward", "bn_act_backward_reference", "bn_act_reference",
     "conv_bias_act", "conv_bias_act_reference", "pack_conv_weight",
+    "CpuCacheInfo", "cpu_cache", "cpu_cache_info", "empty_cpu_cache", "set_cpu_cache_enabled", "set_cpu_cache_limit",
     "dwconv2d", "dwconv2d_reference",
     "DwConvBNActFunction", "dwconv_bn_act", "dwconv_bn_act_backward", "dwconv_bn_act_backward_reference",
     "dwconv_bn_act_reference",

@@ -20,8 +20,8 @@ with autograd through `BNActFunction`. mean and invstd are not differentiable.
 
 Also here: `DwConvFunction`, a depthwise conv2d whose input gradient comes from the C++ kernel
 `dwconv_backward_input` (the training path uses it for maps of >= 32 MiB, see DW_BIG_BYTES).
-Outputs of >= 32 MiB of these CPU kernels reuse idle storages of a small process-wide cache
-(csrc/cpu/bn_act.cpp: empty_like_big).
+Their outputs come from PyTorch's CPU allocator; the trainer runs its steps under
+fastface.ops.cpu_cache, so large ones are reused rather than page-faulted in every step.
 
 The references below define the semantics every backend is tested against.
 """
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from fastface._ext import has_op
 from fastface.ops._common import like_input
+from fastface.ops.cpu_cache import enabled as cpu_cache_enabled
 from fastface.ops.ir_block import MemoFusedOp, extension_reasons
 
 OP = "fastface::bn_act"
@@ -214,9 +215,9 @@ del _b
 # ---- depthwise conv with the C++ input gradient ------------------------------------------------
 
 DW_OP = "fastface::dwconv_backward_input"
-# Inputs at least this large take the C++ input gradient: its output reuses an idle cached storage
-# instead of a fresh mmap (glibc maps every allocation above 32 MiB anew, and first-touch page faults
-# dominated): [64, 96, 56, 56] stride 2 took 29 ms in oneDNN and 6 ms here; below it oneDNN was faster.
+# Inputs at least this large take the C++ input gradient when fastface.ops.cpu_cache is off: [64, 96, 56,
+# 56] stride 2 took 29 ms in oneDNN and 6 ms here (on fresh pages, the bulk of oneDNN's time); below it,
+# or with the cache on, oneDNN was faster.
 DW_BIG_BYTES = 32 << 20
 
 
@@ -261,5 +262,7 @@ class DwConvFunction(torch.autograd.Function):
 
 
 def dwconv_big_input(x: torch.Tensor) -> bool:
-    """Whether DwConvFunction's C++ input gradient pays for this (CPU, channels_last) input: >= DW_BIG_BYTES."""
-    return x.numel() * x.element_size() >= DW_BIG_BYTES
+    """Whether DwConvFunction's C++ input gradient pays for this (CPU, channels_last) input: >= DW_BIG_BYTES,
+    and fastface.ops.cpu_cache off (with the cache oneDNN's gradient is not page-faulted in and was faster:
+    9.5 vs 10.7 ms for both gradients of [64, 96, 56, 56] stride 2)."""
+    return x.numel() * x.element_size() >= DW_BIG_BYTES and not cpu_cache_enabled()
