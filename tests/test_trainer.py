@@ -305,3 +305,40 @@ def test_fused_training_kernels_where_they_pay(tiny_set, tmp_path, extra, fused)
         assert t.device.type == "cpu" and t.fused_train is fused
     finally:
         t.close()
+
+
+def test_cpu_steps_run_under_the_caching_allocator(tiny_set, tmp_path, monkeypatch):
+    """run.cpu_cache auto: on for CPU training (blocks reused from the second step), off again between
+    steps, its idle blocks released at close; true without the extension is a config error naming it."""
+    from fastface.ops import cpu_cache_info
+
+    from fastface.train import trainer as trainer_mod
+
+    cfg = load_train_config("configs/demo.yaml", tiny_overrides(tiny_set, str(tmp_path / "c"), "eval.sets=[]",
+                                                                "data.batch_size=16", "model.width=1.0"))
+    t = Trainer(cfg)
+    try:
+        if not trainer_mod.cpu_cache_available():
+            pytest.skip("fastface._C not built")
+        assert t.cpu_cache
+        batch = next(iter(t.loader))
+        hits = cpu_cache_info().hits
+        t.train_step([batch])
+        t.train_step([batch])
+        info = cpu_cache_info()
+        assert info.hits > hits and not info.enabled
+    finally:
+        t.close()
+    assert cpu_cache_info().cached_bytes == 0
+    off = load_train_config("configs/demo.yaml", tiny_overrides(tiny_set, str(tmp_path / "o"), "eval.sets=[]",
+                                                                "run.cpu_cache=false"))
+    t = Trainer(off)
+    try:
+        assert not t.cpu_cache
+    finally:
+        t.close()
+    monkeypatch.setattr(trainer_mod, "cpu_cache_available", lambda: False)
+    on = load_train_config("configs/demo.yaml", tiny_overrides(tiny_set, str(tmp_path / "n"), "eval.sets=[]",
+                                                               "run.cpu_cache=true"))
+    with pytest.raises(ValueError, match="run.cpu_cache=true"):
+        Trainer(on)

@@ -99,6 +99,11 @@ class RunConfig:
     # fused, measured faster than the plain modules in each mode (bench/results/train_throughput.json:
     # fastface_fused / fastface_unfused).
     fused: bool | None = None
+    # Keep large CPU blocks (>= 1 MiB) for reuse inside each training step (fastface.ops.cpu_cache,
+    # the CPU twin of CUDA's caching allocator), so the step's activations and gradients are not
+    # page-faulted in again every iteration. None (auto): on when training on the CPU with the
+    # extension built (bench/results/train_throughput.json: fastface vs fastface_nocache).
+    cpu_cache: bool | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     deterministic: bool = False

@@ -28,6 +28,8 @@ from fastface.config_io import to_dict
 from fastface.losses import PartialFC, margin_from_name
 from fastface.models import build_model, spec_by_name, transfer_weights
 from fastface.models.mobilenetv2 import fused_train
+from fastface.ops.cpu_cache import available as cpu_cache_available
+from fastface.ops.cpu_cache import cpu_cache, cpu_cache_info, empty_cpu_cache
 from fastface.train import checkpoint as ckpt
 from fastface.train import dist as fdist
 from fastface.train.config import TrainConfig
@@ -123,6 +125,12 @@ class Trainer:
         self.dist = fdist.setup(run.device)
         self.device = self.dist.device
         self.is_main = self.dist.is_main
+        on_cpu = self.device.type == "cpu"
+        if run.cpu_cache and not (on_cpu and cpu_cache_available()):
+            fdist.cleanup()
+            raise ValueError("run.cpu_cache=true needs training on the CPU with the fastface extension built "
+                             f"(device {self.device.type}; {cpu_cache_info().reason or 'extension built'})")
+        self.cpu_cache = run.cpu_cache if run.cpu_cache is not None else on_cpu and cpu_cache_available()
         # torchrun restarts the workers of a failed job: pick up its last checkpoint.
         self.resume = run.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         os.makedirs(run.output, exist_ok=True)
@@ -314,6 +322,10 @@ class Trainer:
 
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One optimiser step over `grad_accum` batches (no host synchronisation)."""
+        with cpu_cache() if self.cpu_cache else contextlib.nullcontext():
+            self._train_step(batches)
+
+    def _train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         run = self.cfg.run
         self.net.train()
         saved_bn = [f.clone() for f in self.bn_flats]
@@ -544,6 +556,8 @@ class Trainer:
     def close(self) -> None:
         """Stop loader workers and leave the process group."""
         self.loader.close()
+        if self.cpu_cache:
+            empty_cpu_cache()
         fdist.cleanup()
 
 
