@@ -11,7 +11,10 @@ same classes, data already in memory (the loader is measured in test_bench_data.
                          from compile alone, so the trainer's own share of the gain is visible
 - fastface               Trainer.train_step as the trainer runs it by default (channels_last, fused
                          SGD, on-device FastFace scheduler, non-finite skip, BN restore), fp32,
-                         eager; run.fused auto = fused (the same path as fastface_fused)
+                         eager; run.fused auto = fused (the same path as fastface_fused), run.cpu_cache
+                         auto = on (large CPU blocks kept for reuse inside the step: fastface.ops.cpu_cache)
+- fastface_nocache       the same with run.cpu_cache=false: fastface / fastface_nocache = what the
+                         caching allocator gives (the plain loops use PyTorch's allocator as it comes)
 - fastface_fused         the same with run.fused=true: in eager mode on the CPU, ATen's (oneDNN)
                          convs with every BN (batch statistics) + residual add + ReLU6 as one
                          fastface.ops.bn_act call, forward and backward, and the split stems' add
@@ -26,14 +29,18 @@ same classes, data already in memory (the loader is measured in test_bench_data.
                          the default list (0.67x the baseline when last measured on this CPU)
 
 A fastface provider's name is "fastface" plus tokens: _fused (run.fused=true), _unfused
-(run.fused=false), _compile (run.compile=true), _bf16 (run.amp=bf16); BENCH_PROVIDERS may name
-any such combination.
+(run.fused=false), _compile (run.compile=true), _bf16 (run.amp=bf16), _nocache
+(run.cpu_cache=false); BENCH_PROVIDERS may name any such combination.
 
-Providers run round-robin (ROUNDS rounds of STEPS steps each), so load from other processes on
-the shared machine hits them alike; img/s is given for the median round and for the best round
-(the least disturbed: the closest to a quiet machine). The load average and OMP_WAIT_POLICY are
-saved with the numbers (PASSIVE keeps waiting OpenMP threads from spinning on a busy machine). Compiled providers compile once before the rounds (cached in
-TORCHINDUCTOR_CACHE_DIR, default build/inductor-cache).
+Each provider runs in its own process (a worker started from this file), as a user runs one of
+them; in one process the providers share glibc's heap, oneDNN's caches and thread pools, and one's
+memory use changed another's page faults. The workers run one at a time, round-robin (ROUNDS
+rounds of STEPS steps each, timed inside the worker), so load from other processes on the shared
+machine hits them alike; img/s is given for the median round and for the best round (the least
+disturbed: the closest to a quiet machine). BENCH_ISOLATE=0 runs them all in the test process
+instead. The load average and OMP_WAIT_POLICY are saved with the numbers (PASSIVE keeps waiting
+OpenMP threads from spinning on a busy machine). Compiled providers compile once before the rounds
+(cached in TORCHINDUCTOR_CACHE_DIR, default build/inductor-cache).
 
     pytest bench/test_bench_train.py --benchmark-only -s
     BENCH_PROVIDERS=plain_channels_last,fastface BENCH_THREADS=2 BENCH_BATCH=64 pytest ...
@@ -46,6 +53,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -61,11 +70,17 @@ BATCH = int(os.environ.get("BENCH_BATCH", 64))
 CLASSES = int(os.environ.get("BENCH_CLASSES", 300))
 STEPS = int(os.environ.get("BENCH_STEPS", 2))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 8))
-DEFAULT = ["plain_eager", "plain_channels_last", "plain_compile", "fastface", "fastface_fused", "fastface_unfused",
+DEFAULT = ["plain_eager", "plain_channels_last", "plain_compile", "fastface", "fastface_nocache", "fastface_unfused",
            "fastface_compile", "fastface_unfused_compile"]
 PROVIDERS = [p for p in os.environ.get("BENCH_PROVIDERS", ",".join(DEFAULT)).split(",") if p]
 PLAIN = ("plain_eager", "plain_channels_last", "plain_compile")
-TOKENS = {"fused": "run.fused=true", "unfused": "run.fused=false", "compile": "run.compile=true", "bf16": "run.amp=bf16"}
+# Each provider in its own process (default), driven round-robin: in one process the providers share
+# glibc's heap, oneDNN's primitive cache and thread pools, and one's memory use changes another's page
+# faults (the caching allocator's blocks pinned the heap, sparing the plain loop its faults). A user
+# runs one of them per process. BENCH_ISOLATE=0 runs them all in this process.
+ISOLATE = os.environ.get("BENCH_ISOLATE", "1") != "0"
+TOKENS = {"fused": "run.fused=true", "unfused": "run.fused=false", "compile": "run.compile=true", "bf16": "run.amp=bf16",
+          "nocache": "run.cpu_cache=false"}
 
 
 def trainer_overrides(name: str) -> list[str]:
@@ -74,7 +89,7 @@ def trainer_overrides(name: str) -> list[str]:
     if (tokens[0] != "fastface" or not set(tokens[1:]) <= set(TOKENS) or len(set(tokens)) != len(tokens)
             or {"fused", "unfused"} <= set(tokens)):
         raise ValueError(f"unknown provider {name!r}: {', '.join(PLAIN)}, or "
-                         f"fastface[_fused|_unfused][_compile][_bf16]")
+                         f"fastface[_fused|_unfused][_compile][_bf16][_nocache]")
     return [TOKENS[t] for t in tokens[1:]]
 BASELINE = "plain_channels_last"
 
@@ -115,21 +130,86 @@ def _plain_step(spec, channels_last: bool, compile_: bool) -> Callable[[], None]
     return step
 
 
-def _trainer(data_dir: str, out: str, threads: int, extra: list[str]):
+def _config(data_dir: str, out: str, threads: int, extra: list[str]):
     from fastface.train.config import load_train_config
-    from fastface.train.trainer import Trainer
 
-    cfg = load_train_config(os.path.join(ROOT, "configs", "demo.yaml"), [
+    return load_train_config(os.path.join(ROOT, "configs", "demo.yaml"), [
         f"data.path={data_dir}/train.rec", f"data.batch_size={BATCH}", "data.backend=torch", "data.num_workers=0",
         "synth.enabled=false", f"run.output={out}", "run.progress=false", "run.tensorboard=false", "run.plot=false",
         "eval.sets=[]", f"run.threads={threads}", "model.split=1", "model.width=1.0", "model.embedding=512",
         "sched.name=fastface", *extra])
-    return Trainer(cfg)
+
+
+def _make_step(name: str, data_dir: str, out: str, threads: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(step, close) of one provider: the trainer's step, or the plain loop on the trainer's ArchSpec."""
+    from fastface.train.trainer import Trainer, resolve_spec
+
+    x, y = _data()
+    if name in PLAIN:
+        spec = resolve_spec(_config(data_dir, out, threads, []), "rgbd")
+        return _plain_step(spec, channels_last=name != "plain_eager", compile_=name == "plain_compile"), lambda: None
+    t = Trainer(_config(data_dir, out, threads, trainer_overrides(name)))
+    return (lambda: t.train_step([(x, y)])), t.close
+
+
+def _timed_round(step: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    for _ in range(STEPS):
+        step()
+    return time.perf_counter() - t0
+
+
+def _worker_main(name: str, data_dir: str, out: str, threads: int) -> None:
+    """One provider in its own process: warm up, then time STEPS steps per 'run' line on stdin."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything else printed goes to stderr, not into the protocol
+    torch.set_num_threads(threads)
+    step, close = _make_step(name, data_dir, out, threads)
+    t0 = time.perf_counter()
+    step()  # compiles (compiled providers), packs weights, sizes the allocator
+    step()
+    proto.write(f"ready {time.perf_counter() - t0:.3f}\n")
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        proto.write(f"t {_timed_round(step):.6f}\n")
+    close()
+
+
+class _Worker:
+    """A provider running in its own process (its own allocator, thread pools and caches)."""
+
+    def __init__(self, name: str, data_dir: str, out: str, threads: int) -> None:
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", name, data_dir, out,
+                                      str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd=ROOT)
+
+    def _read(self, tag: str) -> float:
+        line = self.proc.stdout.readline()
+        if not line.startswith(tag + " "):
+            self.proc.kill()
+            raise RuntimeError(f"bench worker {self.name} exited (rc {self.proc.wait()}) instead of {tag!r}: "
+                               f"{line!r}; its stderr is above")
+        return float(line.split()[1])
+
+    def ready(self) -> float:
+        return self._read("ready")
+
+    def round(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._read("t")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(60)
 
 
 @pytest.fixture(scope="module")
-def providers(tmp_path_factory) -> dict[str, Callable[[], None]]:
-    """Every provider's step function, warmed up (compiled ones compiled)."""
+def providers(tmp_path_factory) -> dict[str, Callable[[], float]]:
+    """Every provider's round function (seconds for STEPS steps), warmed up (compiled ones compiled)."""
     from fastface.data import synth
 
     threads = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
@@ -137,36 +217,30 @@ def providers(tmp_path_factory) -> dict[str, Callable[[], None]]:
     data_dir = str(tmp_path_factory.mktemp("bench-train-set"))
     # One image per class: the trainer reads its class count from the set; the batches are in memory.
     synth.generate(synth.preset("tiny", n_ids=CLASSES, samples_per_id=1), data_dir, workers=1, progress=False)
-    x, y = _data()
-    out: dict[str, Callable[[], None]] = {}
-    trainers = []
-    spec = None
+    out: dict[str, Callable[[], float]] = {}
+    closers = []
     for name in PROVIDERS:
-        if name not in PLAIN:
-            t = _trainer(data_dir, str(tmp_path_factory.mktemp(f"run-{name}")), threads, trainer_overrides(name))
-            trainers.append(t)
-            spec = t.spec
-            out[name] = lambda t=t: t.train_step([(x, y)])
-    if spec is None:
-        from fastface.arch import ArchSpec
-
-        spec = ArchSpec.face(split=1)
-    for name in PROVIDERS:
-        if name in PLAIN:
-            out[name] = _plain_step(spec, channels_last=name != "plain_eager", compile_=name == "plain_compile")
-    out = {name: out[name] for name in PROVIDERS}
-    for name, step in out.items():
-        t0 = time.perf_counter()
-        step()  # compiles (compiled providers), packs weights, sizes the allocator
-        step()
-        print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        run_dir = str(tmp_path_factory.mktemp(f"run-{name}"))
+        if ISOLATE:  # warm-ups one at a time, so compiles do not fight over the cores
+            w = _Worker(name, data_dir, run_dir, threads)
+            closers.append(w.close)
+            print(f"  warm-up {name} (own process): {w.ready():.1f} s", flush=True)
+            out[name] = w.round
+        else:
+            step, close = _make_step(name, data_dir, run_dir, threads)
+            closers.append(close)
+            t0 = time.perf_counter()
+            step()
+            step()
+            print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+            out[name] = lambda step=step: _timed_round(step)
     yield out
-    for t in trainers:
-        t.close()
+    for close in closers:
+        close()
 
 
 def _ratios(ips: dict[str, float]) -> dict[str, float]:
-    """Every provider against the baseline, fused against unfused, compiled fastface against plain compile."""
+    """Every provider against the baseline; fused vs unfused, cached vs nocache, compiled fastface vs plain compile."""
     ratios = {f"{name}/{BASELINE}": v / ips[BASELINE] for name, v in ips.items() if BASELINE in ips}
     for name in ips:  # what fastface's fused training kernels give, eager and compiled
         if "_unfused" not in name:
@@ -174,6 +248,9 @@ def _ratios(ips: dict[str, float]) -> dict[str, float]:
         for fused in (name.replace("_unfused", "_fused"), name.replace("_unfused", "")):
             if fused in ips and fused != name:
                 ratios[f"{fused}/{name}"] = ips[fused] / ips[name]
+    for name in ips:  # what the caching CPU allocator gives
+        if "_nocache" in name and name.replace("_nocache", "") in ips:
+            ratios[f"{name.replace('_nocache', '')}/{name}"] = ips[name.replace("_nocache", "")] / ips[name]
     for name in ips:
         if name.startswith("fastface") and "compile" in name and "plain_compile" in ips:
             ratios[f"{name}/plain_compile"] = ips[name] / ips["plain_compile"]
@@ -186,11 +263,8 @@ def test_train_throughput(benchmark, providers):
     times: dict[str, list[float]] = {name: [] for name in providers}
 
     def one_round() -> None:
-        for name, step in providers.items():
-            t0 = time.perf_counter()
-            for _ in range(STEPS):
-                step()
-            times[name].append(time.perf_counter() - t0)
+        for name, run_round in providers.items():
+            times[name].append(run_round())
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     # Two statistics: the median round, and the best round (the one other processes on a shared
@@ -203,7 +277,7 @@ def test_train_throughput(benchmark, providers):
                                  "ratios_best": ratios_best})
     payload = {
         "what": "training images/s: median round and best round of round-robin rounds (min..max in 'range')",
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "isolated": ISOLATE, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "batch": BATCH, "classes": CLASSES, "threads": torch.get_num_threads(), "steps_per_round": STEPS,
         "rounds": ROUNDS, "baseline": BASELINE, "images_per_s": ips, "images_per_s_best": best, "range": spread,
         "ratios": ratios, "ratios_best": ratios_best,
@@ -224,3 +298,7 @@ def test_train_throughput(benchmark, providers):
         if not k.endswith(f"/{BASELINE}"):
             print(f"  {k}: x{v:.2f} (best rounds: x{ratios_best[k]:.2f})")
     print(f"  saved {path}")
+
+
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--worker":
+    _worker_main(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
