@@ -486,3 +486,8 @@ def test_pipelines_deal_batches_in_turn(tiny, tmp_path, workers):
     assert len(rest) == 19
     for (xa, ya), (xb, yb) in zip(a[5:], rest, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # Resumed at the last batch (skipped whole): the other pipelines get nothing to do.
+    r.load_state_dict({**d.state_dict(), "epoch": 1, "batch": 23})
+    last = list(r)
+    assert [len(y) for _, y in last] == [0] and r.skipped[-2:] == [f"{rec} record 47", f"{rec} record 48"]
+    assert r._idle is not None
