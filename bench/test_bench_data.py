@@ -1,8 +1,9 @@
 """Loader throughput: images/s of each backend on the same RecordIO set, 2 workers each.
 
 Backends: ``torch`` (DataLoader, 2 worker processes, OpenCV decode), ``dali`` (our sampler +
-DALI CPU pipeline, 2 threads: fastface's default where DALI is installed; the PGM set's depth
-goes in as raw uint16 maps, PNG depth through DALI's decoder), ``dali-mxnet``
+DALI CPU pipelines, 2 worker threads in all: one single-threaded pipeline per worker,
+fastface's default where DALI is installed; the PGM set's depth is read raw and, with only a
+flip to apply, flipped and normalised on the main thread; PNG depth through DALI's decoder), ``dali-mxnet``
 (DALI's own fn.readers.mxnet, 2 threads; no exact resume). Same records, batch 128, flip on,
 everything else off, normalised float N x C x 112 x 112 out. A round is one whole epoch
 (31 batches), as training reads them: restarting each epoch (torch: the sampler and the
@@ -118,6 +119,8 @@ def test_loader_throughput(benchmark, bench_sets, backend, data):
             pass
         if backend == "torch":
             pids = [w.pid for w in ld._dl._iterator._workers]
+        else:  # equal worker threads: DALI's, over all its pipelines, are torch's worker processes
+            assert sum(p.num_threads for p, _ in ld._idle[0]) == WORKERS
 
         def run():
             epoch[0] += 1

@@ -419,3 +419,75 @@ def test_raw_depth_undecodable_depth_raises_or_skips(tmp_path):
     # The next epoch knows the record is bad and skips it without reading it again.
     ld.set_epoch(1)
     assert [len(y) for _, y in ld] == [6, 5, 6, 2] and ld.skipped.count(f"{path} record 9") == 2
+
+
+def test_host_depth_only_without_crop_noise_or_resize(tiny, tiny_png):
+    """The CPU pipeline leaves the set's raw PGM depth to the host only where nothing but a flip touches it."""
+    assert DaliLoader(_cfg(tiny, backend="dali", channels="rgbd", flip=True, brightness=0.3)).host_depth
+    assert not DaliLoader(_cfg(tiny, backend="dali", channels="rgbd", crop_scale=0.1)).host_depth
+    assert not DaliLoader(_cfg(tiny, backend="dali", channels="rgbd", depth_noise=0.05)).host_depth
+    assert not DaliLoader(_cfg(tiny, backend="dali", channels="depth")).host_depth
+    assert not DaliLoader(_cfg(tiny, path=os.path.join(tiny_png, "train.rec"), backend="dali", channels="rgbd")).host_depth
+    ld = DaliLoader(_cfg(tiny, backend="dali", channels="rgbd"))
+    ld.resize = True
+    assert not ld.host_depth
+
+
+class _DaliDepthInDali(DaliLoader):
+    """The dali backend with its depth normalised and flipped by DALI, as before the host took it over."""
+
+    host_depth = property(lambda self: False)
+
+
+def test_host_depth_equals_torch_and_dali_depth(tiny):
+    """Flipped and normalised on the host, depth is bit-identical to the torch backend's and to DALI's own."""
+    cfg = _cfg(tiny, channels="rgbd", flip=True, brightness=0.2, contrast=0.2)
+    t = TorchLoader(DataConfig(**{**cfg.__dict__, "backend": "torch"}))
+    d = DaliLoader(DataConfig(**{**cfg.__dict__, "backend": "dali"}))
+    o = _DaliDepthInDali(DataConfig(**{**cfg.__dict__, "backend": "dali"}))
+    assert d.host_depth and not o.host_depth
+    flipped = 0
+    for e in (0, 1):
+        for ld in (t, d, o):
+            ld.set_epoch(e)
+        for (xt, yt), (xd, yd), (xo, yo) in zip(t, d, o, strict=True):
+            assert torch.equal(yt, yd) and torch.equal(yd, yo)
+            assert torch.equal(xd[:, 3], xt[:, 3]) and torch.equal(xd[:, 3], xo[:, 3])
+            assert torch.equal(xd, xo)
+            flipped += int((xd[:, 3] != xd[:, 3].flip(-1)).any(dim=(1, 2)).sum())
+    assert flipped > 0
+    t.close()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_pipelines_deal_batches_in_turn(tiny, tmp_path, workers):
+    """One CPU pipeline per worker, batches dealt in turn: same batches, in order, as the torch backend,
+    with batches skipped whole in the middle and at the end of the epoch, across epochs and on resume."""
+    rec = str(tmp_path / "train.rec")
+    shutil.copy(os.path.join(tiny, "train.rec"), rec)
+    shutil.copy(os.path.join(tiny, "train.idx"), str(tmp_path / "train.idx"))
+    for key in (3, 4, 47, 48):  # batches 1 and 23 of 24
+        break_jpeg(rec, key)
+    cfg = _cfg(tiny, path=rec, shuffle=False, batch_size=2, skip_corrupt=True, num_workers=workers, flip=True)
+    t = TorchLoader(DataConfig(**{**cfg.__dict__, "backend": "torch", "num_workers": 0}))
+    d = DaliLoader(DataConfig(**{**cfg.__dict__, "backend": "dali"}))
+    assert d.num_pipelines == workers
+    for e in (0, 1):
+        t.set_epoch(e)
+        d.set_epoch(e)
+        a, b = list(t), list(d)
+        assert [len(y) for _, y in b] == [len(y) for _, y in a] == [2, 0] + [2] * 21 + [0]
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert d._idle is not None and len(d._idle[0]) == workers, "pipelines that ran dry are kept"
+    r = DaliLoader(DataConfig(**{**cfg.__dict__, "backend": "dali"}))
+    r.load_state_dict({**d.state_dict(), "epoch": 1, "batch": 5})
+    rest = list(r)
+    assert len(rest) == 19
+    for (xa, ya), (xb, yb) in zip(a[5:], rest, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # Resumed at the last batch (skipped whole): the other pipelines get nothing to do.
+    r.load_state_dict({**d.state_dict(), "epoch": 1, "batch": 23})
+    last = list(r)
+    assert [len(y) for _, y in last] == [0] and r.skipped[-2:] == [f"{rec} record 47", f"{rec} record 48"]
+    assert r._idle is not None

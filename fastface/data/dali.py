@@ -13,25 +13,26 @@ batch's records are checked with numpy and passed as views of the mapped file, p
 are drawn for the whole batch, labels never enter DALI); decoding is libjpeg-turbo for RGB,
 and the default PGM depth skips DALI's decoder altogether on a CPU pipeline: the set's own
 16-bit PGMs are raw big-endian samples behind one known header, which the feeder byte-swaps
-into a uint16 (N, H, W, 1) batch while copying it (~6 µs a map on the main thread, against
+into a uint16 (N, H, W, 1) batch while copying it (~3-6 µs a map on the main thread, against
 ~15 µs of DALI's PGM decode per map plus its per-sample parsing on an executor thread; any
 other depth in the set is decoded with OpenCV, as the torch backend does). One
-``crop_mirror_normalize`` per modality does flip + normalise + HWC→CHW + cast; no resize is
-built for images already at the output size; RGB is written padded to 4 channels and depth
-copied into the padding instead of a float concatenation; and the output leaves DALI without
-a copy (DLPack, dynamic executor).
+``crop_mirror_normalize`` does flip + normalise + HWC→CHW + cast; no resize is built for
+images already at the output size; RGB is written padded to 4 channels; and the output
+leaves DALI without a copy (DLPack, dynamic executor). Where only a flip touches depth (no
+crop, noise or resize: the default), DALI gets no depth at all: the main thread mirrors the
+batch's raw maps (one OpenCV flip for all mirrored ones) and normalises them into the
+padding, with ``augment.apply``'s arithmetic (``DaliLoader.host_depth``); otherwise a second
+``crop_mirror_normalize`` does depth and the host copies it into the padding.
 
-A steady-state profile of the bench set (RGB-D, 2 threads, ~170-200 CPU µs an image in all,
-perf): JPEG decode ~29 %, the RGB normalise ~23 %, the depth normalise ~7 %, kernel time of
-DALI's threads (first touch of each batch's fresh output pages) ~7 %, DALI's executor threads
-(op scheduling, per-sample image parsing) ~7 %, and the main thread ~20 % (feeding, of which
-DALI's own Python for ``feed_input`` is the larger part, the depth byte swap ~2 %, the depth
-copy into the padding ~3 %). The main thread's work overlaps the pipeline (a 3 ms sleep per
-batch in the feeder costs ~5 % throughput, not the ~17 % a serial stage would). What is left
-idle of the two cores (a fifth to a quarter, /proc/stat) is inside DALI: its two worker
-threads sleep between ops until an executor thread hands them the next one (perf sched: most
-of their sleeps end with an executor's wake-up); a third worker thread fills that gap, which
-the comparison at equal workers rules out.
+On a CPU, ``num_workers`` pipelines of one thread each share an epoch (batch k goes to
+pipeline k mod n, as the torch backend deals batches to its worker processes), not one
+pipeline of ``num_workers`` threads: a DALI CPU pipeline runs its operators one after another,
+and between two of them its worker threads sleep until its executor thread has set up the
+next (per-sample image parsing, output allocation; perf sched: most of their sleeps end with
+an executor's wake-up), which left a fifth to a quarter of two cores idle with one pipeline
+of two threads. With one pipeline per worker thread the same number of worker threads
+decode and normalise, and one pipeline's set-up overlaps the other's work. The batches in
+flight stay those of the torch backend: ``prefetch`` per pipeline.
 
 ``mxnet_reader_pipeline`` uses ``fn.readers.mxnet`` directly (DALI's C++ reader: its own
 sharding and buffer shuffle, so no exact replay on resume); it reads fastface's RecordIO
@@ -45,6 +46,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 
+import cv2
 import numpy as np
 import torch
 
@@ -76,13 +78,15 @@ def dali_device(device: str = "auto") -> int | None:
     return None
 
 
-def _augment_graph(rgb, depth, args: dict, aug: augment.AugSettings, size: int, gpu: bool, resize: bool = True, join: bool = True):
+def _augment_graph(rgb, depth, args: dict, aug: augment.AugSettings, size: int, gpu: bool, resize: bool = True, join: bool = True,
+                   pad: bool = False):
     """The DALI ops after decoding: brightness/contrast, crop-resize, flip + normalise, noise.
 
     Returns the (C, S, S) float image node, or with ``join=False`` and both modalities, the
     pair (RGB padded to 4 channels with a zero depth channel, depth (1, S, S)) for the caller
     to fill channel 3 in place: a float concatenation in DALI costs ~40 µs per RGB-D sample
-    on a CPU, copying depth into the padding ~8 µs. ``resize=False`` leaves images at their
+    on a CPU, copying depth into the padding ~8 µs. ``pad=True`` pads RGB to 4 channels without
+    a depth node (the caller writes channel 3 itself). ``resize=False`` leaves images at their
     decoded size when no crop is drawn: DALI's CPU resize costs ~250 µs per 112x112 RGB-D
     sample even when it changes nothing.
     """
@@ -97,7 +101,7 @@ def _augment_graph(rgb, depth, args: dict, aug: augment.AugSettings, size: int, 
             rgb = fn.resize(rgb, size=[size, size], interp_type=types.INTERP_LINEAR)
         # One fused op: flip, (x - 127.5) * (1 / 127.5), HWC -> CHW, uint8 -> float.
         rgb = fn.crop_mirror_normalize(rgb, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3,
-                                       mirror=args["flip"], pad_output=depth is not None and not join)
+                                       mirror=args["flip"], pad_output=pad or (depth is not None and not join))
     if depth is not None:
         if crop:
             depth = fn.resize(depth, roi_start=args["roi_start"], roi_end=args["roi_end"], roi_relative=True, size=[size, size],
@@ -123,15 +127,19 @@ class _Feeder:
     the batch DALI returns.
     """
 
-    def __init__(self, loader: DaliLoader, epoch: int, start: int):
+    def __init__(self, loader: DaliLoader, epoch: int, start: int, stride: int = 1, offset: int = 0):
         self.ld = loader
-        self.pending: collections.deque[tuple[torch.Tensor, list[str]]] = collections.deque()
-        self.start(epoch, start)
+        # Whether this feeder's pipeline leaves depth to the host (``DaliLoader.host_depth``):
+        # then the depth maps, already flipped, wait in ``pending`` with the labels.
+        self.host = loader.host_depth
+        self.names = [n for n in loader.arg_names if not (self.host and n == "depth")]
+        self.pending: collections.deque[tuple[torch.Tensor, list[str], np.ndarray | list[np.ndarray] | None]] = collections.deque()
+        self.start(epoch, start, stride, offset)
 
-    def start(self, epoch: int, start: int) -> None:
-        """Feed batches ``start``.. of ``epoch`` from the next call on."""
+    def start(self, epoch: int, start: int, stride: int = 1, offset: int = 0) -> None:
+        """Feed batches ``start + offset``, then every ``stride``-th after it, of ``epoch`` from the next call on."""
         self.epoch = epoch
-        self.batches = self.ld.order.batches(epoch, start)
+        self.batches = self.ld.order.batches(epoch, start)[offset::stride]
         self.k = 0
         self.pending.clear()
         self.error: BaseException | None = None
@@ -160,8 +168,9 @@ class _Feeder:
                     skipped.append(ld.source.name(i))
             pos = pos[got.kept]
             depth = got.depth
+            p = augment.draw(ld.aug, ld.cfg.seed, self.epoch, idx[pos])
             if ld.raw_depth and len(pos):
-                depth, bad = self._raw_depth(got, idx[pos])
+                depth, bad = self._raw_depth(got, idx[pos], p.flip if self.host else None)
                 if bad:
                     if not ld.cfg.skip_corrupt:
                         self.error = next(iter(bad.values()))
@@ -172,9 +181,8 @@ class _Feeder:
             if len(pos):
                 break
             # DALI takes no empty batch: this one is handed out as empty without DALI.
-            self.pending.append((torch.zeros(0, dtype=torch.int64), skipped))
-        p = augment.draw(ld.aug, ld.cfg.seed, self.epoch, idx[pos])
-        self.pending.append((torch.from_numpy(got.labels), skipped))
+            self.pending.append((torch.zeros(0, dtype=torch.int64), skipped, None))
+        self.pending.append((torch.from_numpy(got.labels), skipped, depth if self.host else None))
         out: dict[str, object] = {"rgb": got.rgb, "depth": depth, "flip": p.flip}
         if "roi_start" in ld.arg_names:
             out["roi_start"], out["roi_end"] = np.ascontiguousarray(p.roi[:, :2]), np.ascontiguousarray(p.roi[:, 2:])
@@ -186,9 +194,9 @@ class _Feeder:
             for j in range(len(pos)):
                 noise[j] = augment.noise_field(p.noise_key[j], s) * p.noise_sigma[j]
             out["noise"] = noise
-        return tuple(out[n] for n in ld.arg_names)
+        return tuple(out[n] for n in self.names)
 
-    def _raw_depth(self, got, idx: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], dict[int, DataError]]:
+    def _raw_depth(self, got, idx: np.ndarray, flip: np.ndarray | None = None) -> tuple[np.ndarray | list[np.ndarray], dict[int, DataError]]:
         """The batch's depth maps as uint16 (H, W, 1) arrays, for a pipeline without a depth decoder.
 
         The set's own 16-bit PGMs (``got.pgm``) are raw big-endian samples after a known header:
@@ -196,7 +204,8 @@ class _Feeder:
         as it copies (~6 µs a map, against ~15 µs for DALI's PGM decoder plus its per-sample
         parsing). Any other depth (a PNG, another PGM header) is decoded here with OpenCV, as the
         torch backend does; an undecodable one is returned, by its position in the batch, as the
-        error naming its record.
+        error naming its record. With ``flip`` (per sample, 1 = mirror) the maps come out
+        mirrored where it says so, for a pipeline that leaves depth to the host.
         """
         src, views = self.ld.source, got.depth
         k, h, w = src.pgm_layout
@@ -204,14 +213,22 @@ class _Feeder:
             out = np.empty((len(views), h * w), np.uint16)
             for j, v in enumerate(views):
                 out[j] = v[k:].view(">u2")
-            return out.reshape(len(views), h, w, 1), {}
+            out = out.reshape(len(views), h, w, 1)
+            f = np.flatnonzero(flip) if flip is not None else ()
+            if len(f):
+                # All mirrored maps in one OpenCV call (its rows are theirs): a numpy copy through a
+                # reversed view, or byte-swapping through one, costs ~10x more.
+                out[f] = cv2.flip(out[f].reshape(-1, w), 1).reshape(len(f), h, w, 1)
+            return out, {}
         maps, bad = [], {}
         for j, v in enumerate(views):
             if got.pgm is not None and got.pgm[j]:
-                maps.append(v[k:].view(">u2").astype(np.uint16).reshape(h, w, 1))
+                m = v[k:].view(">u2").reshape(h, w)
+                maps.append((m[:, ::-1] if flip is not None and flip[j] else m).astype(np.uint16)[:, :, None])
                 continue
             try:
-                maps.append(decode_depth(v)[:, :, None])
+                m = decode_depth(v)
+                maps.append((m[:, ::-1] if flip is not None and flip[j] else m)[:, :, None])
             except DecodeError as e:
                 path, rec = src.locate(int(idx[j]))
                 bad[j] = DataError(path, str(e), rec)
@@ -237,9 +254,10 @@ class DaliLoader(FaceLoader):
     Images come out of DALI without a copy (DLPack; the dynamic executor hands over
     ownership). A set whose first image has the output size is read without a resize; a
     batch that then comes out another size makes the loader rebuild with one and redo it.
-    A pipeline that ran to the end of its epoch serves the next epoch too. On a CPU pipeline
-    a RecordIO set with 16-bit PGM depth has its depth fed as raw uint16 maps (``raw_depth``),
-    with no DALI decoder for it.
+    Pipelines that ran to the end of their epoch serve the next epoch too. On a CPU there is
+    one single-threaded pipeline per worker (``num_pipelines``), and a RecordIO set with 16-bit
+    PGM depth has its depth fed as raw uint16 maps (``raw_depth``), with no DALI decoder for
+    it, or, with nothing but a flip to apply to it, kept out of DALI (``host_depth``).
     """
 
     backend = "dali"
@@ -265,46 +283,84 @@ class DaliLoader(FaceLoader):
         # DALI's decoder (see _Feeder._raw_depth).
         self.raw_depth = "d" in self.channels and self.device_id is None and getattr(self.source, "pgm_layout", None) is not None
         self.resize = not _native_size(self.source, self.channels, cfg.image_size)
-        # A pipeline whose epoch ran to its end, kept for the next one (no rebuild, no refill
-        # from empty): (pipeline, its feeder, whether it resizes).
-        self._idle: tuple[Pipeline, _Feeder, bool] | None = None
+        # Pipelines whose epoch ran to its end, kept for the next one (no rebuild, no refill
+        # from empty): ([(pipeline, its feeder)], whether they resize).
+        self._idle: tuple[list[tuple[Pipeline, _Feeder]], bool] | None = None
 
-    def _take_pipeline(self, epoch: int, start: int) -> tuple[Pipeline, _Feeder]:
-        """The idle pipeline restarted at batch ``start`` of ``epoch``, or a new one."""
+    @property
+    def host_depth(self) -> bool:
+        """Whether the next pipeline leaves the raw PGM depth to the host (RGB-D, no resize, crop or noise).
+
+        Then DALI decodes and normalises only RGB, into 4 channels, and the main thread writes
+        the depth (mirrored while byte-swapped, then normalised with ``augment.apply``'s
+        arithmetic) into channel 3 of DALI's output: one operator fewer for DALI's threads,
+        whose time between operators goes idle, and no copy of a normalised depth map.
+        """
+        s = self.cfg.image_size
+        return (self.raw_depth and self.channels == "rgbd" and not self.resize and self.aug.crop_scale == 0
+                and self.aug.depth_noise == 0 and tuple(self.source.pgm_layout[1:]) == (s, s))
+
+    @property
+    def num_pipelines(self) -> int:
+        """How many DALI pipelines share the epoch: one per worker thread on a CPU, one on a GPU.
+
+        A CPU pipeline runs its operators one after another, and between two of them its worker
+        threads wait while the executor sets up the next one (per-sample image parsing, output
+        allocation): with two threads in one pipeline a fifth to a quarter of two cores went idle.
+        ``num_workers`` pipelines of one thread each (batches dealt out in turn, as the torch
+        backend deals them to its worker processes) keep the same number of worker threads busy
+        with whole batches, and one pipeline's set-up overlaps the others' work.
+        """
+        return max(1, self.cfg.num_workers) if self.device_id is None else 1
+
+    def _take_pipelines(self, epoch: int, start: int) -> list[tuple[Pipeline, _Feeder]]:
+        """The idle pipelines restarted at batch ``start`` of ``epoch``, or new ones.
+
+        Pipeline j of n is fed batches ``start + j``, ``start + j + n``, ...
+        """
         idle, self._idle = self._idle, None
-        if idle is not None and idle[2] == self.resize:
-            pipe, feeder, _ = idle
-            feeder.start(epoch, start)
-            pipe.reset()
-            return pipe, feeder
+        n = self.num_pipelines
+        if idle is not None and idle[1] == self.resize and len(idle[0]) == n and all(f.host == self.host_depth for _, f in idle[0]):
+            for j, (pipe, feeder) in enumerate(idle[0]):
+                feeder.start(epoch, start, n, j)
+                pipe.reset()
+            return idle[0]
         del idle
-        feeder = _Feeder(self, epoch, start)
-        return self._pipeline(feeder), feeder
+        out = []
+        for j in range(n):
+            feeder = _Feeder(self, epoch, start, n, j)
+            out.append((self._pipeline(feeder, n), feeder))
+        return out
 
-    def _pipeline(self, feeder: _Feeder) -> Pipeline:
+    def _pipeline(self, feeder: _Feeder, n: int = 1) -> Pipeline:
         cfg = self.cfg
         gpu = self.device_id is not None
         # As many batches in flight as the torch backend keeps (prefetch per worker): the slack
         # that lets the pipeline ride out moments when the feeding thread does not get a CPU.
-        queue = max(1, cfg.prefetch) * max(1, cfg.num_workers)
-        pipe = Pipeline(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers), device_id=self.device_id,
+        workers = max(1, cfg.num_workers)
+        queue = max(1, cfg.prefetch) * workers // n
+        pipe = Pipeline(batch_size=cfg.batch_size, num_threads=max(1, workers // n), device_id=self.device_id,
                         prefetch_queue_depth=queue, seed=cfg.seed, exec_dynamic=True)
         with pipe:
-            layouts = ["HWC" if n == "depth" and self.raw_depth else "" for n in self.arg_names]
-            outs = fn.external_source(source=feeder, num_outputs=len(self.arg_names), batch=True, parallel=False, layout=layouts)
-            args = dict(zip(self.arg_names, outs))
+            layouts = ["HWC" if n == "depth" and self.raw_depth else "" for n in feeder.names]
+            outs = fn.external_source(source=feeder, num_outputs=len(feeder.names), batch=True, parallel=False, layout=layouts)
+            args = dict(zip(feeder.names, outs))
             dec = "mixed" if gpu else "cpu"
             rgb = fn.decoders.image(args["rgb"], device=dec, output_type=types.RGB) if "rgb" in args else None
             depth = args.get("depth")
             if depth is not None and not self.raw_depth:
                 depth = fn.decoders.image(depth, device=dec, output_type=types.ANY_DATA, dtype=types.UINT16)
-            images = _augment_graph(rgb, depth, args, self.aug, cfg.image_size, gpu, self.resize, join=False)
+            images = _augment_graph(rgb, depth, args, self.aug, cfg.image_size, gpu, self.resize, join=False, pad=feeder.host)
             pipe.set_outputs(*(images if isinstance(images, tuple) else (images,)))
         pipe.build()
         return pipe
 
-    def _to_torch(self, outputs: tuple, labels: torch.Tensor) -> Batch | None:
-        """The batch as torch tensors (no copy of the images), or None when they are not (n, C, S, S)."""
+    def _to_torch(self, outputs: tuple, labels: torch.Tensor, depth: np.ndarray | list[np.ndarray] | None = None) -> Batch | None:
+        """The batch as torch tensors (no copy of the images), or None when they are not (n, C, S, S).
+
+        ``depth``: the host's depth maps (uint16 (H, W, 1) each, already mirrored), normalised
+        here into channel 3 of DALI's padded RGB.
+        """
         c, s = self.in_channels, self.cfg.image_size
         dev = torch.device("cuda", self.device_id) if self.device_id is not None else torch.device("cpu")
         if len(labels) == 0:
@@ -317,7 +373,18 @@ class DaliLoader(FaceLoader):
         x = torch.from_dlpack(ts[0])
         if tuple(x.shape) != (len(labels), c, s, s):
             return None
-        if len(ts) == 2:
+        if depth is not None:
+            if isinstance(depth, list):
+                if any(m.shape != (s, s, 1) for m in depth):
+                    return None
+                depth = np.stack(depth)
+            if depth.shape != (len(labels), s, s, 1):
+                return None
+            # augment.apply's arithmetic, on the whole batch: bit-identical to the torch backend.
+            d = x.numpy()[:, 3]
+            np.subtract(depth[..., 0], np.float32(32767.5), out=d, dtype=np.float32)
+            np.multiply(d, np.float32(1 / 32767.5), out=d)
+        elif len(ts) == 2:
             d = torch.from_dlpack(ts[1])
             if tuple(d.shape) != (len(labels), 1, s, s):
                 return None
@@ -352,58 +419,79 @@ class DaliLoader(FaceLoader):
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
         k = start
         while k < len(self.order):
-            pipe, feeder = self._take_pipeline(epoch, k)
+            pipes = self._take_pipelines(epoch, k)
+            n, base = len(pipes), k
+            # Per pipeline, its batches that are out of DALI but not yet handed out, in order:
+            # (labels, skipped names, host depth, DALI outputs or None for a batch skipped whole).
+            ready: list[collections.deque] = [collections.deque() for _ in pipes]
+            dry = [False] * n  # pipelines whose run() said StopIteration
             finished = False
             try:
                 while True:
-                    try:
-                        outputs = pipe.run()
-                    except StopIteration:
-                        while feeder.pending:  # batches at the end of the epoch that were skipped whole
-                            labels, skipped = feeder.pending.popleft()
-                            self._note_skipped(skipped)
-                            k += 1
-                            yield self._to_torch((), labels)
-                        finished = True
+                    if k >= len(self.order):
+                        # The epoch is out: make sure every pipeline ran dry, so that it can be reused.
+                        for j, (pipe, feeder) in enumerate(pipes):
+                            if not dry[j] and not ready[j]:
+                                try:
+                                    pipe.run()
+                                except StopIteration:
+                                    dry[j] = True
+                        finished = all(dry) and not any(ready) and not any(f.pending for _, f in pipes)
                         return
-                    except Exception as e:
-                        if feeder.error is not None:
-                            raise feeder.error from None
-                        culprits = self._find_undecodable(epoch, k)
-                        if not culprits and not self.resize:
-                            self.resize = True  # e.g. RGB and depth of different sizes: retry with a resize
+                    j = (k - base) % n
+                    pipe, feeder = pipes[j]
+                    if not ready[j]:
+                        try:
+                            outputs = pipe.run()
+                        except StopIteration:
+                            outputs = None
+                            dry[j] = True
+                        except Exception as e:
+                            if feeder.error is not None:
+                                raise feeder.error from None
+                            culprits = self._find_undecodable(epoch, k)
+                            if not culprits and not self.resize:
+                                self.resize = True  # e.g. RGB and depth of different sizes: retry with a resize
+                                break
+                            if not culprits:
+                                raise DataError(self.source.path, f"DALI failed on batch {k} of epoch {epoch}: {e}") from e
+                            if not self.cfg.skip_corrupt:
+                                path, rec = self.source.locate(culprits[0])
+                                raise DataError(path, f"undecodable image (DALI: {str(e).splitlines()[-1] if str(e) else e})", rec) from None
+                            self.bad.update(culprits)
+                            break  # rebuild the pipelines from batch k without them
+                        # The feeder's queue up to this output: batches skipped whole (not in DALI's
+                        # output), then the one DALI returned; at the end of the epoch, skipped ones only.
+                        while feeder.pending:
+                            labels, skipped, depth = feeder.pending.popleft()
+                            empty = len(labels) == 0
+                            ready[j].append((labels, skipped, depth, None if empty else outputs))
+                            if not empty:
+                                break
+                        if not ready[j]:
+                            raise DataError(self.source.path, f"DALI pipeline {j} ran out before batch {k} of epoch {epoch}")
+                    labels, skipped, depth, outputs = ready[j].popleft()
+                    if outputs is None:
+                        batch = self._to_torch((), labels)
+                    else:
+                        batch = self._to_torch(outputs, labels, depth)
+                        if batch is None:
+                            if self.resize:
+                                raise DataError(self.source.path, f"DALI returned batch {k} of epoch {epoch} in an unexpected shape")
+                            self.resize = True  # images of other sizes: rebuild with a resize, redo batch k
                             break
-                        if not culprits:
-                            raise DataError(self.source.path, f"DALI failed on batch {k} of epoch {epoch}: {e}") from e
-                        if not self.cfg.skip_corrupt:
-                            path, rec = self.source.locate(culprits[0])
-                            raise DataError(path, f"undecodable image (DALI: {str(e).splitlines()[-1] if str(e) else e})", rec) from None
-                        self.bad.update(culprits)
-                        break  # rebuild the pipeline from batch k without them
-                    labels, skipped = feeder.pending.popleft()
-                    while len(labels) == 0:  # skipped whole: not in DALI's output
-                        self._note_skipped(skipped)
-                        k += 1
-                        yield self._to_torch((), labels)
-                        labels, skipped = feeder.pending.popleft()
-                    batch = self._to_torch(outputs, labels)
-                    if batch is None:
-                        if self.resize:
-                            raise DataError(self.source.path, f"DALI returned batch {k} of epoch {epoch} in an unexpected shape")
-                        self.resize = True  # images of other sizes: rebuild with a resize, redo batch k
-                        break
                     if skipped:
                         self._note_skipped(skipped)
                     k += 1
                     yield batch
             finally:
-                # Only a pipeline that ran dry is clean; one left mid-epoch holds prefetched batches.
+                # Only pipelines that ran dry are clean; ones left mid-epoch hold prefetched batches.
                 if finished:
-                    self._idle = (pipe, feeder, self.resize)
-                del pipe
+                    self._idle = (pipes, self.resize)
+                del pipes
 
     def close(self) -> None:
-        """Release the idle pipeline (its threads and buffers)."""
+        """Release the idle pipelines (their threads and buffers)."""
         self._idle = None
 
 
