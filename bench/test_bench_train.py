@@ -7,6 +7,9 @@ same classes, data already in memory (the loader is measured in test_bench_data.
                          SGD (momentum, weight decay), grad clip 5; NCHW, fp32; the model's
                          plain PyTorch modules (fused_train(False): none of fastface's kernels)
 - plain_channels_last    the same loop in channels_last (the baseline the trainer must beat)
+- plain_channels_last_cache   the same loop inside fastface.ops.cpu_cache() (the caching CPU
+                         allocator, usable around any PyTorch loop): how much of the trainer's gain
+                         that alone gives
 - plain_compile          the same channels_last loop with torch.compile(model): what a user gets
                          from compile alone, so the trainer's own share of the gain is visible
 - fastface               Trainer.train_step as the trainer runs it by default (channels_last, fused
@@ -52,6 +55,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -70,10 +74,10 @@ BATCH = int(os.environ.get("BENCH_BATCH", 64))
 CLASSES = int(os.environ.get("BENCH_CLASSES", 300))
 STEPS = int(os.environ.get("BENCH_STEPS", 2))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 8))
-DEFAULT = ["plain_eager", "plain_channels_last", "plain_compile", "fastface", "fastface_nocache", "fastface_unfused",
+DEFAULT = ["plain_eager", "plain_channels_last", "plain_channels_last_cache", "plain_compile", "fastface", "fastface_nocache", "fastface_unfused",
            "fastface_compile", "fastface_unfused_compile"]
 PROVIDERS = [p for p in os.environ.get("BENCH_PROVIDERS", ",".join(DEFAULT)).split(",") if p]
-PLAIN = ("plain_eager", "plain_channels_last", "plain_compile")
+PLAIN = ("plain_eager", "plain_channels_last", "plain_channels_last_cache", "plain_compile")
 # Each provider in its own process (default), driven round-robin: in one process the providers share
 # glibc's heap, oneDNN's primitive cache and thread pools, and one's memory use changes another's page
 # faults (the caching allocator's blocks pinned the heap, sparing the plain loop its faults). A user
@@ -147,16 +151,27 @@ def _make_step(name: str, data_dir: str, out: str, threads: int) -> tuple[Callab
     x, y = _data()
     if name in PLAIN:
         spec = resolve_spec(_config(data_dir, out, threads, []), "rgbd")
-        return _plain_step(spec, channels_last=name != "plain_eager", compile_=name == "plain_compile"), lambda: None
+        step = _plain_step(spec, channels_last=name != "plain_eager", compile_=name == "plain_compile")
+        if name.endswith("_cache"):
+            from fastface.ops import cpu_cache
+
+            def cached(step=step) -> None:
+                with cpu_cache():
+                    step()
+            return cached, lambda: None
+        return step, lambda: None
     t = Trainer(_config(data_dir, out, threads, trainer_overrides(name)))
     return (lambda: t.train_step([(x, y)])), t.close
 
 
-def _timed_round(step: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
+def _timed_round(step: Callable[[], None]) -> tuple[float, float, float]:
+    """(seconds for STEPS steps, minor page faults per step, share of the process's CPU time in the kernel)."""
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(STEPS):
         step()
-    return time.perf_counter() - t0
+    dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return dt, (r1.ru_minflt - r0.ru_minflt) / STEPS, (r1.ru_stime - r0.ru_stime) / cpu if cpu > 0 else 0.0
 
 
 def _worker_main(name: str, data_dir: str, out: str, threads: int) -> None:
@@ -172,7 +187,7 @@ def _worker_main(name: str, data_dir: str, out: str, threads: int) -> None:
     for line in sys.stdin:
         if line.strip() != "run":
             break
-        proto.write(f"t {_timed_round(step):.6f}\n")
+        proto.write("t " + " ".join(f"{v:.6f}" for v in _timed_round(step)) + "\n")
     close()
 
 
@@ -185,21 +200,21 @@ class _Worker:
                                       str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      cwd=ROOT)
 
-    def _read(self, tag: str) -> float:
+    def _read(self, tag: str) -> tuple[float, ...]:
         line = self.proc.stdout.readline()
         if not line.startswith(tag + " "):
             self.proc.kill()
             raise RuntimeError(f"bench worker {self.name} exited (rc {self.proc.wait()}) instead of {tag!r}: "
                                f"{line!r}; its stderr is above")
-        return float(line.split()[1])
+        return tuple(float(v) for v in line.split()[1:])
 
     def ready(self) -> float:
-        return self._read("ready")
+        return self._read("ready")[0]
 
-    def round(self) -> float:
+    def round(self) -> tuple[float, float, float]:
         self.proc.stdin.write("run\n")
         self.proc.stdin.flush()
-        return self._read("t")
+        return self._read("t")  # type: ignore[return-value]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -208,8 +223,8 @@ class _Worker:
 
 
 @pytest.fixture(scope="module")
-def providers(tmp_path_factory) -> dict[str, Callable[[], float]]:
-    """Every provider's round function (seconds for STEPS steps), warmed up (compiled ones compiled)."""
+def providers(tmp_path_factory) -> dict[str, Callable[[], tuple[float, float, float]]]:
+    """Every provider's round function (see _timed_round), warmed up (compiled ones compiled)."""
     from fastface.data import synth
 
     threads = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
@@ -217,7 +232,7 @@ def providers(tmp_path_factory) -> dict[str, Callable[[], float]]:
     data_dir = str(tmp_path_factory.mktemp("bench-train-set"))
     # One image per class: the trainer reads its class count from the set; the batches are in memory.
     synth.generate(synth.preset("tiny", n_ids=CLASSES, samples_per_id=1), data_dir, workers=1, progress=False)
-    out: dict[str, Callable[[], float]] = {}
+    out: dict[str, Callable[[], tuple[float, float, float]]] = {}
     closers = []
     for name in PROVIDERS:
         run_dir = str(tmp_path_factory.mktemp(f"run-{name}"))
@@ -251,6 +266,8 @@ def _ratios(ips: dict[str, float]) -> dict[str, float]:
     for name in ips:  # what the caching CPU allocator gives
         if "_nocache" in name and name.replace("_nocache", "") in ips:
             ratios[f"{name.replace('_nocache', '')}/{name}"] = ips[name.replace("_nocache", "")] / ips[name]
+    if "plain_channels_last_cache" in ips and "fastface" in ips:
+        ratios["fastface/plain_channels_last_cache"] = ips["fastface"] / ips["plain_channels_last_cache"]
     for name in ips:
         if name.startswith("fastface") and "compile" in name and "plain_compile" in ips:
             ratios[f"{name}/plain_compile"] = ips[name] / ips["plain_compile"]
@@ -261,10 +278,15 @@ def test_train_throughput(benchmark, providers):
     """Round-robin img/s of every provider; ratios to the channels_last plain loop; JSON saved."""
     load_before = os.getloadavg()
     times: dict[str, list[float]] = {name: [] for name in providers}
+    faults: dict[str, list[float]] = {name: [] for name in providers}
+    kernel: dict[str, list[float]] = {name: [] for name in providers}
 
     def one_round() -> None:
         for name, run_round in providers.items():
-            times[name].append(run_round())
+            dt, minflt, sys_share = run_round()
+            times[name].append(dt)
+            faults[name].append(minflt)
+            kernel[name].append(sys_share)
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     # Two statistics: the median round, and the best round (the one other processes on a shared
@@ -281,6 +303,10 @@ def test_train_throughput(benchmark, providers):
         "batch": BATCH, "classes": CLASSES, "threads": torch.get_num_threads(), "steps_per_round": STEPS,
         "rounds": ROUNDS, "baseline": BASELINE, "images_per_s": ips, "images_per_s_best": best, "range": spread,
         "ratios": ratios, "ratios_best": ratios_best,
+        # Medians over the rounds: first-touch page faults of each step, and the kernel's share of the
+        # process's CPU time (page faults are most of it), measured by getrusage in the provider's process.
+        "minor_faults_per_step": {name: statistics.median(v) for name, v in faults.items()},
+        "kernel_cpu_share": {name: statistics.median(v) for name, v in kernel.items()},
         "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "torch": torch.__version__,
         "machine": platform.platform(), "cpu_count": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -290,10 +316,12 @@ def test_train_throughput(benchmark, providers):
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     print(f"\ntraining img/s, batch {BATCH}, {torch.get_num_threads()} threads, load {load_before[0]:.1f} -> "
           f"{os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}:")
-    print(f"  {'provider':<32}{'median':>8}{'best':>8}   ratio vs {BASELINE} (median, best)")
+    print(f"  {'provider':<32}{'median':>8}{'best':>8}{'faults/step':>13}{'kernel CPU':>12}   ratio vs {BASELINE} "
+          "(median, best)")
     for name in ips:
         r, rb = ratios.get(f"{name}/{BASELINE}"), ratios_best.get(f"{name}/{BASELINE}")
-        print(f"  {name:<32}{ips[name]:8.1f}{best[name]:8.1f}" + (f"   x{r:.2f}, x{rb:.2f}" if r is not None else ""))
+        print(f"  {name:<32}{ips[name]:8.1f}{best[name]:8.1f}{payload['minor_faults_per_step'][name]:13.0f}"
+              f"{payload['kernel_cpu_share'][name]:12.1%}" + (f"   x{r:.2f}, x{rb:.2f}" if r is not None else ""))
     for k, v in ratios.items():
         if not k.endswith(f"/{BASELINE}"):
             print(f"  {k}: x{v:.2f} (best rounds: x{ratios_best[k]:.2f})")
