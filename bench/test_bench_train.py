@@ -74,8 +74,8 @@ BATCH = int(os.environ.get("BENCH_BATCH", 64))
 CLASSES = int(os.environ.get("BENCH_CLASSES", 300))
 STEPS = int(os.environ.get("BENCH_STEPS", 2))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 8))
-DEFAULT = ["plain_eager", "plain_channels_last", "plain_channels_last_cache", "plain_compile", "fastface", "fastface_nocache", "fastface_unfused",
-           "fastface_compile", "fastface_unfused_compile"]
+DEFAULT = ["plain_eager", "plain_channels_last", "plain_channels_last_cache", "plain_compile", "fastface",
+           "fastface_nocache", "fastface_unfused", "fastface_compile", "fastface_unfused_compile"]
 PROVIDERS = [p for p in os.environ.get("BENCH_PROVIDERS", ",".join(DEFAULT)).split(",") if p]
 PLAIN = ("plain_eager", "plain_channels_last", "plain_channels_last_cache", "plain_compile")
 # Each provider in its own process (default), driven round-robin: in one process the providers share
