@@ -19,7 +19,8 @@ with autograd through `BNActFunction`. mean and invstd are not differentiable.
 `torch.ops.fastface.bn_act` itself is differentiable too (registered autograd: the backward op).
 
 Also here: `DwConvFunction`, a depthwise conv2d whose input gradient comes from the C++ kernel
-`dwconv_backward_input` (the training path uses it for maps of >= 32 MiB, see DW_BIG_BYTES).
+`dwconv_backward_input` (the training path uses it for maps of >= 32 MiB with the CPU cache off,
+see DW_BIG_BYTES).
 Their outputs come from PyTorch's CPU allocator; the trainer runs its steps under
 fastface.ops.cpu_cache, so large ones are reused rather than page-faulted in every step.
 
