@@ -426,6 +426,29 @@ def test_torch_compile_with_fastface_ops():
         torch.testing.assert_close(compiled(x), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_torch_compile_is_one_graph_before_any_eager_call(monkeypatch):
+    """The trainer compiles before any eager call: the extension's dispatcher queries (kernel_for) are
+    compile-time constants, so training and eval trace as one graph each (they used to break the graph
+    at every block and hit dynamo's recompile limit)."""
+    import importlib
+
+    from fastface.models.mobilenetv2 import fused_train
+
+    irb = importlib.import_module("fastface.ops.ir_block")  # the module (fastface.ops.ir_block is also the op)
+    torch._dynamo.reset()
+    monkeypatch.setattr(irb, "_KERNELS", {})  # nothing answered yet, as in a fresh process
+    model = randomize(build_model(_compile_spec()), 3).train()
+    x = torch.randn(2, 4, 16, 16).contiguous(memory_format=torch.channels_last)
+    with fused_train(True):
+        explained = torch._dynamo.explain(model)(x)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    monkeypatch.setattr(irb, "_KERNELS", {})
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model.eval())(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 @pytest.mark.slow
 def test_torch_compile_training_with_fused_dwconv_bn_act():
     """Training under torch.compile traces the dwconv_bn_act autograd path (grouped branches too) in

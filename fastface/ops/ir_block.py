@@ -161,9 +161,12 @@ def ir_block_backward_reference(grad: torch.Tensor, inputs: tuple, needs: tuple[
 _KERNELS: dict[tuple[str, str], bool] = {}
 
 
+@torch.compiler.assume_constant_result
 def kernel_for(op: str, key: str) -> bool:
     """Whether the extension registered a kernel for `op` (e.g. "fastface::ir_block") under dispatch key `key`."""
-    # Registrations happen when fastface._C is imported, before any call: cache the answer.
+    # Registrations happen when fastface._C is imported, before any call: cache the answer. Under
+    # torch.compile the answer is a constant (the dispatcher query returns a bool, which dynamo
+    # cannot put in a graph: it broke the graph at every block and hit the recompile limit).
     hit = _KERNELS.get((op, key))
     if hit is None:
         name = op.split("::")[1]
