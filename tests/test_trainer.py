@@ -309,7 +309,8 @@ def test_fused_training_kernels_where_they_pay(tiny_set, tmp_path, extra, fused)
 
 def test_cpu_steps_run_under_the_caching_allocator(tiny_set, tmp_path, monkeypatch):
     """run.cpu_cache auto: on for CPU training (blocks reused from the second step), off again between
-    steps, its idle blocks released at close; true without the extension is a config error naming it."""
+    steps, its idle blocks released at close, off when the allocator cannot be installed; true where it
+    cannot work is a config error naming it."""
     from fastface.ops import cpu_cache_info
 
     from fastface.train import trainer as trainer_mod
@@ -337,6 +338,18 @@ def test_cpu_steps_run_under_the_caching_allocator(tiny_set, tmp_path, monkeypat
         assert not t.cpu_cache
     finally:
         t.close()
+    def refuse(enabled: bool = True):
+        raise RuntimeError("c10's CPU allocator is held by another allocator of higher priority")
+
+    monkeypatch.setattr(trainer_mod, "cpu_cache", refuse)  # auto: trains without it
+    t = Trainer(load_train_config("configs/demo.yaml", tiny_overrides(tiny_set, str(tmp_path / "r"), "eval.sets=[]")))
+    try:
+        assert not t.cpu_cache
+    finally:
+        t.close()
+    with pytest.raises(ValueError, match="run.cpu_cache=true, but the cache cannot be enabled"):
+        Trainer(load_train_config("configs/demo.yaml", tiny_overrides(tiny_set, str(tmp_path / "r2"), "eval.sets=[]",
+                                                                      "run.cpu_cache=true")))
     monkeypatch.setattr(trainer_mod, "cpu_cache_available", lambda: False)
     on = load_train_config("configs/demo.yaml", tiny_overrides(tiny_set, str(tmp_path / "n"), "eval.sets=[]",
                                                                "run.cpu_cache=true"))

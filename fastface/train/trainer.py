@@ -131,6 +131,15 @@ class Trainer:
             raise ValueError("run.cpu_cache=true needs training on the CPU with the fastface extension built "
                              f"(device {self.device.type}; {cpu_cache_info().reason or 'extension built'})")
         self.cpu_cache = run.cpu_cache if run.cpu_cache is not None else on_cpu and cpu_cache_available()
+        if self.cpu_cache:
+            try:  # installs the allocator now; another one of higher priority would refuse it
+                with cpu_cache():
+                    pass
+            except RuntimeError as e:
+                if run.cpu_cache:
+                    fdist.cleanup()
+                    raise ValueError(f"run.cpu_cache=true, but the cache cannot be enabled: {e}") from e
+                self.cpu_cache = False
         # torchrun restarts the workers of a failed job: pick up its last checkpoint.
         self.resume = run.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         os.makedirs(run.output, exist_ok=True)
