@@ -22,6 +22,8 @@ same classes, data already in memory (the loader is measured in test_bench_data.
                          convs with every BN (batch statistics) + residual add + ReLU6 as one
                          fastface.ops.bn_act call, forward and backward, and the split stems' add
                          merge folded into them: fastface_fused / fastface_unfused = what it gives
+                         (not in the default list: the path of fastface, whose ratio to
+                         fastface_unfused is printed instead)
 - fastface_unfused       the same with run.fused=false (the model's plain PyTorch modules)
 - fastface_compile       the trainer with run.compile=true (torch.compile of the model; run.fused
                          auto: under compile that is the dwconv_bn_act kernels for the depthwise
