@@ -55,22 +55,20 @@ class CachingCPUAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lk(mu_);
       auto it = free_.find(size);
-      if (it != free_.end() && !it->second.empty()) {
+      if (it != free_.end() && !it->second.empty()) {  // a hit is handed out under this one lock
         p = it->second.back();
         it->second.pop_back();
         cached_ -= size;
         ++hits_;
+        track_locked(p, size, live, reserved);
       } else {
         ++misses_;
       }
     }
-    if (p == nullptr) p = fresh(size);
-    {
+    if (p == nullptr) {  // fresh memory is allocated outside the lock
+      p = fresh(size);
       std::lock_guard<std::mutex> lk(mu_);
-      live_.emplace(p, size);
-      live_bytes_ += size;
-      live = live_bytes_;
-      reserved = live_bytes_ + cached_;
+      track_locked(p, size, live, reserved);
     }
     if (c10::memoryProfilingEnabled()) {
       c10::reportMemoryUsageToProfiler(p, int64_t(size), live, reserved, c10::Device(c10::DeviceType::CPU));
@@ -164,6 +162,14 @@ class CachingCPUAllocator final : public c10::Allocator {
     if (align == kHuge) madvise(p, size, MADV_HUGEPAGE);
 #endif
     return p;
+  }
+
+  // Records p as handed out; live and reserved: the totals after it (for the profiler).
+  void track_locked(void* p, size_t size, size_t& live, size_t& reserved) {
+    live_.emplace(p, size);
+    live_bytes_ += size;
+    live = live_bytes_;
+    reserved = live_bytes_ + cached_;
   }
 
   // Frees idle blocks (other sizes than `keep` first) until `incoming` more bytes fit the limit.
