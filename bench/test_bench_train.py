@@ -176,16 +176,21 @@ def _timed_round(step: Callable[[], None]) -> tuple[float, float, float]:
     return dt, (r1.ru_minflt - r0.ru_minflt) / STEPS, (r1.ru_stime - r0.ru_stime) / cpu if cpu > 0 else 0.0
 
 
+def _warm_up(step: Callable[[], None]) -> float:
+    """Two untimed steps (compiles compiled providers, packs weights, sizes the allocator); their seconds."""
+    t0 = time.perf_counter()
+    step()
+    step()
+    return time.perf_counter() - t0
+
+
 def _worker_main(name: str, data_dir: str, out: str, threads: int) -> None:
     """One provider in its own process: warm up, then time STEPS steps per 'run' line on stdin."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else printed goes to stderr, not into the protocol
     torch.set_num_threads(threads)
     step, close = _make_step(name, data_dir, out, threads)
-    t0 = time.perf_counter()
-    step()  # compiles (compiled providers), packs weights, sizes the allocator
-    step()
-    proto.write(f"ready {time.perf_counter() - t0:.3f}\n")
+    proto.write(f"ready {_warm_up(step):.3f}\n")
     for line in sys.stdin:
         if line.strip() != "run":
             break
@@ -246,10 +251,7 @@ def providers(tmp_path_factory) -> dict[str, Callable[[], tuple[float, float, fl
         else:
             step, close = _make_step(name, data_dir, run_dir, threads)
             closers.append(close)
-            t0 = time.perf_counter()
-            step()
-            step()
-            print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+            print(f"  warm-up {name}: {_warm_up(step):.1f} s", flush=True)
             out[name] = lambda step=step: _timed_round(step)
     yield out
     for close in closers:
