@@ -189,34 +189,48 @@ def test_eval_forward_is_differentiable():
 
 def _train_and_compare(ref, fused, x, steps=2, atol=1e-9):
     """Train steps (forward + backward, no update) of the plain and the fused model on the same data."""
+    import copy
+
     from fastface.models.mobilenetv2 import fused_train
 
+    # The conditioning probe: the plain modules on x moved by about one rounding. How far its gradients
+    # land from ref's is the float64 noise this net amplifies; the fused path may differ by a few times that.
+    probe = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(12345)
+    x_probe = x * (1 + torch.finfo(x.dtype).eps * torch.randn(x.shape, dtype=x.dtype, generator=g))
     for step in range(steps):
         gy = None
-        for model, on in ((ref, False), (fused, True)):
+        for model, on, inp in ((ref, False, x), (fused, True, x), (probe, False, x_probe)):
             model.train().zero_grad()
             with fused_train(on):
-                y = model(x)
+                y = model(inp)
             gy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(step)) if gy is None else gy
             y.backward(gy)
             if on:  # relative to the output's scale: see _assert_grads_close on conditioning
                 torch.testing.assert_close(y, y_ref, atol=1e-6 * y_ref.abs().max().item(), rtol=0)
-            else:
+            elif model is ref:
                 y_ref = y.detach()
-        _assert_grads_close(ref, fused)
+        _assert_grads_close(ref, fused, noise=probe)
         for (name, a), (_, b) in zip(ref.named_buffers(), fused.named_buffers()):
             torch.testing.assert_close(b, a, atol=atol, rtol=1e-6, msg=name)
 
 
-def _assert_grads_close(ref, fused, rtol=1e-6):
+def _assert_grads_close(ref, fused, rtol=1e-6, noise=None, noise_factor=30.0):
     """Gradients equal to rtol relative to each tensor's scale, floored at 1e-3 of the largest gradient:
     randomized BN nets are ill-conditioned (float64 rounding shows up at ~1e-9), and a BN shift feeding
-    another training-mode BN has a true gradient of 0 that both paths only approximate by rounding noise."""
+    another training-mode BN has a true gradient of 0 that both paths only approximate by rounding noise.
+    With ``noise`` (the plain model run on an input moved by one rounding), the bound also admits
+    noise_factor times that model's own spread: some random draws amplify one ulp of input to ~1e-6, and the
+    fused path rounds differently at every op, not once (30: 30 draws came within 6.4x of one probe)."""
     top = max(p.grad.abs().max().item() for p in ref.parameters())
+    probes = dict(noise.named_parameters()) if noise is not None else {}
     for (name, p), (_, q) in zip(ref.named_parameters(), fused.named_parameters()):
         scale = max(p.grad.abs().max().item(), 1e-3 * top)
+        spread = (probes[name].grad - p.grad).abs().max().item() if name in probes else 0.0
+        bound = max(rtol * scale, noise_factor * spread)
         err = (q.grad - p.grad).abs().max().item()
-        assert err <= rtol * scale, f"{name}: gradient error {err:.3e} > {rtol} x {scale:.3e}"
+        assert err <= bound, (f"{name}: gradient error {err:.3e} > max({rtol} x {scale:.3e}, "
+                              f"{noise_factor} x input-rounding spread {spread:.3e})")
 
 
 @pytest.mark.parametrize("split,merge,channels_last", [(0, "add", True), (3, "add", False), (4, "concat", True)])
@@ -230,7 +244,7 @@ def test_fused_training_equals_unfused(monkeypatch, split, merge, channels_last)
     spec = small_face(split=split, merge=merge, width=0.35, input_size=32)
     ref = randomize(build_model(spec).double(), 3)
     fused = copy.deepcopy(ref)
-    x = torch.randn(3, 4, 32, 32, dtype=torch.float64)
+    x = torch.randn(3, 4, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(SEED + split))
     if channels_last:
         ref, fused = (m.to(memory_format=torch.channels_last) for m in (ref, fused))
         x = x.contiguous(memory_format=torch.channels_last)
