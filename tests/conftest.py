@@ -13,6 +13,13 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
                       os.path.join(os.path.dirname(os.path.dirname(__file__)), "build", "inductor-cache"))
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI (CI=true, as .ci/run runs under it) draws the same examples on every run: a property test that
+# fails there fails on every rerun, and a new counterexample turns up on a developer's machine, where
+# the default profile draws fresh ones (and keeps them in .hypothesis/ to replay).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
 
 
 def pytest_collection_modifyitems(config, items):
