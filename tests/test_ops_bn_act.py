@@ -148,6 +148,44 @@ def test_statistics_survive_a_large_mean():
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (17, 64, 64, 64)), (torch.float64, (9, 64, 64, 64))],
+                         ids=["f32", "f64"])
+@pytest.mark.parametrize("residual,relu6", [(True, True), (False, False)], ids=["res_act", "none"])
+def test_large_maps_stream_their_outputs_and_merge_chunks(dtype, shape, residual, relu6):
+    """Maps of >= 16 MiB with whole-vector rows take the non-temporal stores (y, grad_x and the residual's
+    gradient), and tasks of several 128 KiB chunks merge their statistics (Chan's formula): both paths
+    against float64 PyTorch, on 1 and 2 threads, bit for bit alike, with a mean far from 0."""
+    x, gamma, beta, r, gy = _inputs(shape, dtype, 21, residual, requires_grad=False)
+    x = (x + 30).contiguous(memory_format=torch.channels_last)
+    assert x.numel() * x.element_size() >= 16 << 20
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            y, mean, invstd = torch.ops.fastface.bn_act(x, gamma, beta, r, EPS, relu6)
+            outs.append((y, mean, invstd, *torch.ops.fastface.bn_act_backward(gy, x, gamma, beta, mean, invstd, r,
+                                                                               relu6)))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    y, mean, invstd, gx, gg, gb, gr = outs[0]
+    ins = [t.double().requires_grad_() for t in (x, gamma, beta) + ((r,) if residual else ())]
+    y_ref = _plain(*ins[:3], ins[3] if residual else None, relu6)
+    grads_ref = torch.autograd.grad(y_ref, ins, gy.double())
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    var, m = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), m, **tol)
+    torch.testing.assert_close(invstd.double(), torch.rsqrt(var + EPS), **tol)
+    gr = (gr if relu6 else gy) if residual else None
+    for name, a, b in zip(["x", "gamma", "beta", "residual"], (gx, gg, gb, gr), grads_ref):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double(), b, atol=tol["atol"] * scale * 10, rtol=tol["rtol"] * 10, msg=name)
+
+
+@needs_ext
 def test_runs_are_bitwise_deterministic_across_thread_counts():
     x, gamma, beta, r, gy = _inputs((16, 48, 30, 30), torch.float32, 9, True, requires_grad=False)
     outs = []

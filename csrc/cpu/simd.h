@@ -35,6 +35,7 @@ struct Vec<float> {
   static inline reg load(const float* p, mask m) { return _mm512_maskz_loadu_ps(m, p); }
   static inline void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
   static inline void store(float* p, reg v, mask m) { _mm512_mask_storeu_ps(p, m, v); }
+  static inline void stream(float* p, reg v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
   static inline reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
@@ -61,6 +62,7 @@ struct Vec<double> {
   static inline reg load(const double* p, mask m) { return _mm512_maskz_loadu_pd(m, p); }
   static inline void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
   static inline void store(double* p, reg v, mask m) { _mm512_mask_storeu_pd(p, m, v); }
+  static inline void stream(double* p, reg v) { _mm512_stream_pd(p, v); }  // p 64-byte aligned
   static inline reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
   static inline reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
   static inline reg sub(reg a, reg b) { return _mm512_sub_pd(a, b); }
@@ -89,6 +91,7 @@ struct Vec<float> {
   static inline reg load(const float* p, mask m) { return _mm256_maskload_ps(p, m); }
   static inline void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static inline void store(float* p, reg v, mask m) { _mm256_maskstore_ps(p, m, v); }
+  static inline void stream(float* p, reg v) { _mm256_stream_ps(p, v); }  // p 32-byte aligned
   static inline reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
@@ -117,6 +120,7 @@ struct Vec<double> {
   static inline reg load(const double* p, mask m) { return _mm256_maskload_pd(p, m); }
   static inline void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
   static inline void store(double* p, reg v, mask m) { _mm256_maskstore_pd(p, m, v); }
+  static inline void stream(double* p, reg v) { _mm256_stream_pd(p, v); }  // p 32-byte aligned
   static inline reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
   static inline reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
   static inline reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }
@@ -150,6 +154,7 @@ struct ScalarVec {
   static inline void store(T* p, reg v, mask m) {
     if (m) *p = v;
   }
+  static inline void stream(T* p, reg v) { *p = v; }
   static inline reg fmadd(reg a, reg b, reg c) { return a * b + c; }
   static inline reg add(reg a, reg b) { return a + b; }
   static inline reg sub(reg a, reg b) { return a - b; }
@@ -170,6 +175,29 @@ template <typename T>
 inline typename Vec<T>::reg relu6(typename Vec<T>::reg v) {
   using V = Vec<T>;
   return V::min(V::max(v, V::zero()), V::set1(T(6)));
+}
+
+// Non-temporal stores (Vec::stream) are weakly ordered: each thread fences its own before the
+// parallel region ends, so the data is visible to whoever reads it after the join.
+inline void stream_fence() {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  _mm_sfence();
+#endif
+}
+
+// Whether an M x C output written row by row may take non-temporal stores: whole vectors only
+// (every row starts on a vector boundary, so no masked tail), an aligned base, and large enough
+// that it would not have stayed in the last-level cache anyway (then the stores skip the read
+// for ownership of every line: measured 1.2-1.4x faster for a read + write pass on 25-77 MB).
+template <typename T>
+inline bool stream_ok(const T* p, int64_t M, int64_t C, int64_t min_bytes) {
+#ifdef FASTFACE_SIMD_SCALAR
+  return false;
+#else
+  const int64_t align = int64_t(sizeof(typename Vec<T>::reg));
+  return C % Vec<T>::L == 0 && reinterpret_cast<uintptr_t>(p) % uintptr_t(align) == 0 &&
+         M * C * int64_t(sizeof(T)) >= min_bytes;
+#endif
 }
 
 // Channels rounded up to whole vectors: the row pitch of the kernels' scratch buffers.
