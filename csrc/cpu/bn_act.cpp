@@ -74,7 +74,7 @@ int64_t check_args(const char* op, const at::Tensor& x, const at::Tensor& gamma,
 
 // Rows per chunk: a chunk (~128 KiB) stays in L2 between the sweeps that reduce it, and the
 // per-chunk float64 merges are few. 16 KiB (L1) chunks made the forward 3-25 % slower on 7x7 to
-// 56x56 maps (the merges) and a training step ~3-6 % slower (A/B in one process, this box).
+// 56x56 maps (the merges) and a training step ~6 % slower in three of four A/B runs on this box.
 template <typename T>
 int64_t chunk_rows(int64_t C) {
   return std::max<int64_t>(8, (128 * 1024 / int64_t(sizeof(T))) / C);
@@ -307,7 +307,7 @@ inline void rows_grad_x(const T* __restrict x, const T* __restrict gy, const T* 
   }
 }
 
-
+// f(std::integral_constant<bool, b>) for a runtime flag.
 template <class F>
 void dispatch_bool(bool b, F&& f) {
   if (b)
