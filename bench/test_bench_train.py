@@ -136,6 +136,14 @@ def _plain_step(spec, channels_last: bool, compile_: bool) -> Callable[[], None]
     return step
 
 
+def make_set(data_dir: str) -> None:
+    """The providers' RecordIO set: one image per class (the trainer reads its class count from the set;
+    the batches themselves are in memory)."""
+    from fastface.data import synth
+
+    synth.generate(synth.preset("tiny", n_ids=CLASSES, samples_per_id=1), data_dir, workers=1, progress=False)
+
+
 def _config(data_dir: str, out: str, threads: int, extra: list[str]):
     from fastface.train.config import load_train_config
 
@@ -232,13 +240,10 @@ class _Worker:
 @pytest.fixture(scope="module")
 def providers(tmp_path_factory) -> dict[str, Callable[[], tuple[float, float, float]]]:
     """Every provider's round function (see _timed_round), warmed up (compiled ones compiled)."""
-    from fastface.data import synth
-
     threads = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
     data_dir = str(tmp_path_factory.mktemp("bench-train-set"))
-    # One image per class: the trainer reads its class count from the set; the batches are in memory.
-    synth.generate(synth.preset("tiny", n_ids=CLASSES, samples_per_id=1), data_dir, workers=1, progress=False)
+    make_set(data_dir)
     out: dict[str, Callable[[], tuple[float, float, float]]] = {}
     closers = []
     for name in PROVIDERS:

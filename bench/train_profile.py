@@ -84,17 +84,13 @@ def classify(events) -> tuple[dict[str, float], dict[str, float]]:
     return dict(by_class), dict(other)
 
 
-def worker(name: str, steps: int, threads: int) -> dict:
-    """Profile one provider in this process; its per-step ms by class."""
-    sys.path.insert(0, HERE)
+def worker(name: str, data: str, steps: int, threads: int) -> dict:
+    """Profile one provider in this process on the set in `data`; its per-step ms by class."""
     import test_bench_train as tb
-    from fastface.data import synth
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(threads)
-    data = tempfile.mkdtemp(prefix="ff-prof-")
-    synth.generate(synth.preset("tiny", n_ids=tb.CLASSES, samples_per_id=1), data, workers=1, progress=False)
-    step, close = tb._make_step(name, data, tempfile.mkdtemp(prefix="ff-prof-run-"), threads)
+    step, close = tb._make_step(name, data, os.path.join(data, f"run-{name}"), threads)
     for _ in range(3):
         step()
     t0 = time.perf_counter()
@@ -123,20 +119,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    sys.path.insert(0, HERE)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.steps, args.threads)), flush=True)
+        print("RESULT " + json.dumps(worker(args.worker, args.data, args.steps, args.threads)), flush=True)
         return
+    import test_bench_train as tb
+
     names = [p for p in args.providers.split(",") if p]
     rows: dict[str, dict] = {}
-    for name in names:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
-               "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if out.returncode != 0 or not lines:
-            raise SystemExit(f"train_profile: provider {name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-        rows[name] = json.loads(lines[-1][len("RESULT "):])
+    with tempfile.TemporaryDirectory(prefix="ff-prof-") as data:
+        tb.make_set(data)  # once; every provider's process reads it
+        for name in names:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--data", data, "--steps",
+                   str(args.steps), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode != 0 or not lines:
+                raise SystemExit(f"train_profile: provider {name} failed (exit {out.returncode}):\n"
+                                 f"{out.stderr[-3000:]}")
+            rows[name] = json.loads(lines[-1][len("RESULT "):])
     base, fast = names[0], names[-1]
     conv = lambda r: r["ms_per_step"].get("conv_forward", 0.0) + r["ms_per_step"].get("conv_backward", 0.0)
     ceiling = rows[base]["step_ms"] / conv(rows[fast]) if conv(rows[fast]) else float("nan")
