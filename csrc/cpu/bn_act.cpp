@@ -316,17 +316,10 @@ void dispatch_bool(bool b, F&& f) {
     f(std::false_type{});
 }
 
-// f.template operator()<RES, RELU6>() for the runtime flags.
+// f(RES, RELU6) with both runtime flags as integral constants.
 template <class F>
 void dispatch_flags(bool res, bool relu6, F&& f) {
-  if (res && relu6)
-    f(std::true_type{}, std::true_type{});
-  else if (res)
-    f(std::true_type{}, std::false_type{});
-  else if (relu6)
-    f(std::false_type{}, std::true_type{});
-  else
-    f(std::false_type{}, std::false_type{});
+  dispatch_bool(res, [&](auto RES) { dispatch_bool(relu6, [&](auto RELU6) { f(RES, RELU6); }); });
 }
 
 // ---- forward ------------------------------------------------------------------------------
