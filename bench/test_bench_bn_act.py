@@ -1,0 +1,99 @@
+"""Training BN + ReLU6 on the CPU: fastface.ops.bn_act vs ATen, forward + backward, side by side.
+
+The maps are the face model's (batch 64, channels_last, fp32): the largest (26-77 MB, where
+bn_act streams its outputs and prefetches) and two that fit the last-level cache. Providers:
+
+- aten      F.batch_norm (training) -> F.hardtanh(0, 6), autograd backward: what the plain modules run
+- fastface  torch.ops.fastface.bn_act and bn_act_backward (the trainer's eager CPU path)
+
+Each round runs every provider once per map (forward, then backward from a fixed gradient),
+round-robin, inside fastface.ops.cpu_cache (as the trainer runs, so neither pays page faults);
+a time is the median over ROUNDS rounds. Results: bench/results/bn_act_cpu.json.
+
+    pytest bench/test_bench_bn_act.py --benchmark-only -q -s
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+THREADS = int(os.environ.get("BENCH_THREADS", 2))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", 15))
+SHAPES = [(64, 96, 56, 56), (64, 144, 28, 28), (64, 32, 56, 56), (64, 192, 14, 14), (64, 576, 7, 7)]
+EPS = 1e-5
+
+
+def _inputs(shape):
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(shape, generator=g).contiguous(memory_format=cl) * 2 + 1
+    gamma, beta = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g) * 0.1
+    gy = torch.randn(shape, generator=g).contiguous(memory_format=cl)
+    return x, gamma, beta, gy
+
+
+def _aten(x, gamma, beta, gy):
+    xr, gr, br = (t.detach().requires_grad_() for t in (x, gamma, beta))
+    y = F.hardtanh(F.batch_norm(xr, None, None, gr, br, True, 0.0, EPS), 0.0, 6.0)
+    torch.autograd.grad(y, (xr, gr, br), gy)
+
+
+def _fastface(x, gamma, beta, gy):
+    _, mean, invstd = torch.ops.fastface.bn_act(x, gamma, beta, None, EPS, True)
+    torch.ops.fastface.bn_act_backward(gy, x, gamma, beta, mean, invstd, None, True)
+
+
+PROVIDERS = {"aten": _aten, "fastface": _fastface}
+
+
+@pytest.fixture(scope="module")
+def maps():
+    from fastface._ext import HAS_EXT
+
+    if not HAS_EXT:
+        pytest.skip("fastface._C not built")
+    torch.set_num_threads(THREADS)
+    return {"x".join(map(str, s)): _inputs(s) for s in SHAPES}
+
+
+def test_bn_act_forward_backward(benchmark, maps):
+    """Median ms per forward + backward of each provider per map; fastface's speed-up over ATen."""
+    from fastface.ops import cpu_cache
+    from fastface.utils import atomic_write_text
+
+    times = {m: {p: [] for p in PROVIDERS} for m in maps}
+
+    def one_round() -> None:
+        for m, args in maps.items():
+            for p, fn in PROVIDERS.items():
+                t0 = time.perf_counter()
+                fn(*args)
+                times[m][p].append(time.perf_counter() - t0)
+
+    with cpu_cache():
+        for args in maps.values():  # warm-up: oneDNN primitives, the cache's blocks
+            for fn in PROVIDERS.values():
+                fn(*args)
+        benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    ms = {m: {p: statistics.median(v) * 1e3 for p, v in d.items()} for m, d in times.items()}
+    speedup = {m: d["aten"] / d["fastface"] for m, d in ms.items()}
+    payload = {"what": "median ms per training BN + ReLU6 forward + backward, channels_last fp32; speedup = aten / "
+                       "fastface", "threads": torch.get_num_threads(), "rounds": ROUNDS, "ms": ms, "speedup": speedup,
+               "load_avg": os.getloadavg(), "torch": torch.__version__, "machine": platform.platform(),
+               "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, os.environ.get("BENCH_OUT", "bn_act_cpu.json"))
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    print(f"\nBN + ReLU6 forward + backward, median ms over {ROUNDS} rounds, {torch.get_num_threads()} threads:")
+    for m, d in ms.items():
+        print(f"  {m:<16} aten {d['aten']:8.2f}   fastface {d['fastface']:8.2f}   x{speedup[m]:.2f}")
+    print(f"  saved {path}")
