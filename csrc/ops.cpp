@@ -56,9 +56,24 @@ TORCH_LIBRARY(fastface, m) {
   m.def(
       "bn_act_backward(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor invstd, "
       "Tensor? residual, bool relu6) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Gradient of a depthwise conv (weight C x 1 x k x k, no dilation) w.r.t. its H x W input: the
-  // transposed depthwise conv of grad_out. CPU kernel (channels_last is its fast layout).
-  m.def("dwconv_backward_input(Tensor grad_out, Tensor weight, int H, int W, int stride, int padding) -> Tensor");
+  // The batch statistics of bn_act alone (mean, 1/sqrt(biased var + eps) per channel over every dim
+  // but 1), for consumers that normalise on the fly (dwconv_forward's scale/shift). CPU kernel.
+  m.def("bn_stats(Tensor x, float eps) -> (Tensor, Tensor)");
+  // Depthwise 3 x 3 conv (weight C x 1 x 3 x 3, padding 1, stride 1 or 2, no bias), optionally of
+  // a = relu6((x - mean) * scale + beta) (per channel: a training BN + ReLU6 applied on the fly, as
+  // bn_act computes it, never stored). CPU kernel (channels_last is its fast layout).
+  m.def("dwconv_forward(Tensor x, Tensor weight, int stride, int padding, Tensor? mean=None, Tensor? scale=None, "
+        "Tensor? beta=None) -> Tensor");
+  // Its gradients w.r.t. the conv's input (a, or x without the prologue) and its weight, in one
+  // pass; with sums=True (prologue only) also, as float64 2 x C, sum(g) and sum(g * (x - mean)) for
+  // g = grad_a behind the ReLU6 mask: the reductions of the BN backward (bn_act_backward_sums).
+  // Without sums the third output is empty.
+  m.def("dwconv_backward(Tensor grad_out, Tensor x, Tensor weight, int stride, int padding, Tensor? mean=None, "
+        "Tensor? scale=None, Tensor? beta=None, bool sums=False) -> (Tensor, Tensor, Tensor)");
+  // bn_act_backward (no residual) given its per-channel sums (dwconv_backward's third output): one
+  // pass instead of two. Returns (grad_x, grad_gamma, grad_beta).
+  m.def("bn_act_backward_sums(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor invstd, "
+        "Tensor sums, bool relu6) -> (Tensor, Tensor, Tensor)");
   // One step of the FastFace LR scheduler: updates the float64 scheduler state in place from
   // the batch loss and writes base_lrs * factor * warmup into lrs, all on the loss's device.
   m.def(

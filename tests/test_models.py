@@ -276,20 +276,26 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
     x = torch.randn(4, 4, 32, 32, dtype=dtype, generator=torch.Generator().manual_seed(SEED + split))
     x = x.contiguous(memory_format=torch.channels_last)
     bn_spy, dw_spy = _Spy(monkeypatch, "bn_act"), _Spy(monkeypatch, "dwconv_bn_act")
+    act_dw_spy = _Spy(monkeypatch, "_bn_act_dwconv_train")
     if dtype == torch.float64:
         _train_and_compare(ref, fused, x)
     else:
         _train_and_compare_f32(ref, fused, x)
     assert not dw_spy.calls
-    # Every BatchNorm2d of the trunk, stems and last conv runs in bn_act; grouped branch layers (split >= 2)
-    # run one call per BN position for all branches; a concat merge's BN stays the plain module.
-    from fastface.models.mobilenetv2 import ConvBNAct
+    # Every BatchNorm2d of the trunk, stems and last conv runs in bn_act, except a block's expand BN, which
+    # runs folded into its depthwise conv (_bn_act_dwconv_train); grouped branch layers (split >= 2) run one
+    # call per BN position for all branches; a concat merge's BN stays the plain module.
+    from fastface.models.mobilenetv2 import ConvBNAct, InvertedResidual
 
     g = len(spec.inputs)
     n_conv = sum(isinstance(m, ConvBNAct) for m in fused.modules())
-    grouped = sum(isinstance(m, ConvBNAct) for j in range(1, spec.split) for mod in spec.inputs
-                  for m in fused.layer(j, mod).modules())
-    assert len(bn_spy.calls) == 2 * (n_conv - grouped + grouped // g)
+    grouped_layers = [fused.layer(j, mod) for j in range(1, spec.split) for mod in spec.inputs]
+    grouped = sum(isinstance(m, ConvBNAct) for layer in grouped_layers for m in layer.modules())
+    n_expand = sum(isinstance(m, InvertedResidual) and m.expand is not None for m in fused.modules())
+    grouped_expand = sum(isinstance(layer, InvertedResidual) and layer.expand is not None for layer in grouped_layers)
+    folded = n_expand - grouped_expand + grouped_expand // g
+    assert folded > 0 and len(act_dw_spy.calls) == 2 * folded
+    assert len(bn_spy.calls) == 2 * (n_conv - grouped + grouped // g - folded)
     assert all(int(b) == 2 for n, b in fused.named_buffers() if n.endswith("num_batches_tracked"))
 
 

@@ -386,6 +386,9 @@ void forward_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gam
   for (int64_t c = 0; c < C; ++c) {
     mean_out[c] = T(mu[size_t(c)]);
     invstd_out[c] = T(1.0 / std::sqrt(m2[size_t(c)] / cnt + eps));
+  }
+  if (y == nullptr) return;  // statistics only (bn_stats)
+  for (int64_t c = 0; c < C; ++c) {
     meanP[c] = mean_out[c];
     scaleP[c] = invstd_out[c] * gamma[c];
     betaP[c] = beta[c];
@@ -425,11 +428,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cpu(const at::Tensor& x_, 
   return {(cl || x_.dim() != 4) ? y : y.contiguous(), mean, invstd};
 }
 
+// The batch statistics alone: bn_act's first pass, for a consumer that normalises on the fly.
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_, double eps) {
+  TORCH_CHECK(x_.dim() == 4 || x_.dim() == 2, "bn_stats: x must be N x C x H x W or N x C, got ", x_.sizes());
+  const auto dt = x_.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "bn_stats: CPU kernel supports float32 and float64, got ", dt);
+  TORCH_CHECK(eps >= 0, "bn_stats: eps must be >= 0, got ", eps);
+  const int64_t C = x_.size(1), M = x_.numel() / std::max<int64_t>(C, 1);
+  TORCH_CHECK(C >= 1 && M >= 1, "bn_stats: batch statistics need at least one element per channel, got ", x_.sizes());
+  at::Tensor x = as_nhwc(x_);
+  at::Tensor mean = at::empty({C}, x.options()), invstd = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "bn_stats_cpu", [&] {
+    forward_kernel<scalar_t>(M, C, x.data_ptr<scalar_t>(), nullptr, nullptr, nullptr, eps, false, nullptr,
+                             mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>());
+  });
+  return {mean, invstd};
+}
+
 // ---- backward -----------------------------------------------------------------------------
 
 template <typename T>
 void backward_kernel(int64_t M, int64_t C, const T* gy, const T* x, const T* res, const T* gamma, const T* beta,
-                     const T* mean, const T* invstd, bool relu6, T* gx, T* gres, T* ggamma, T* gbeta) {
+                     const T* mean, const T* invstd, bool relu6, T* gx, T* gres, T* ggamma, T* gbeta,
+                     const double* sums = nullptr) {
   const int64_t Cp = simd::padded<T>(C);
   const int64_t cr = chunk_rows<T>(C);
   const Split sp = split_rows<T>(M, C);
@@ -443,10 +464,15 @@ void backward_kernel(int64_t M, int64_t C, const T* gy, const T* x, const T* res
   const BwdK<T> k{kp[0], kp[1], kp[2], kp[3], kp[4], kp[5]};
   const int64_t pf = prefetch_rows<T>(M, C);
 
-  std::vector<double> tsg(size_t(sp.ntasks * C), 0.0), tsgz(size_t(sp.ntasks * C), 0.0);
+  // The first pass's sums (sum g, sum g * (x - mean)), unless the caller reduced them already.
+  const int64_t nsum = sums ? 1 : sp.ntasks;
+  std::vector<double> tsg(size_t(nsum * C), 0.0), tsgz(size_t(nsum * C), 0.0);
   double* const tsg_p = tsg.data();
   double* const tsgz_p = tsgz.data();
-  dispatch_flags(res != nullptr, relu6, [&](auto RES, auto RELU6) {
+  if (sums) {
+    std::copy(sums, sums + C, tsg.begin());
+    std::copy(sums + C, sums + 2 * C, tsgz.begin());
+  } else dispatch_flags(res != nullptr, relu6, [&](auto RES, auto RELU6) {
     for_tasks(M * C, sp.ntasks, [=](int64_t t) {
       T* acc = simd::scratch<T, 3>(size_t(2 * Cp));
       T* __restrict a = acc;
@@ -470,7 +496,7 @@ void backward_kernel(int64_t M, int64_t C, const T* gy, const T* x, const T* res
   T* mgzP = kp[5];
   for (int64_t c = 0; c < C; ++c) {
     double sa = 0, sb = 0;
-    for (int64_t t = 0; t < sp.ntasks; ++t) {
+    for (int64_t t = 0; t < nsum; ++t) {
       sa += tsg[size_t(t * C + c)];
       sb += tsgz[size_t(t * C + c)];
     }
@@ -527,113 +553,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
   return {keep ? gx : gx.contiguous(), ggamma, gbeta, (keep || !with_res) ? gres : gres.contiguous()};
 }
 
+// bn_act_backward without a residual, its first pass's sums given (a fused producer reduced them).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_sums_cpu(
+    const at::Tensor& grad_y_, const at::Tensor& x_, const at::Tensor& gamma_, const at::Tensor& beta_,
+    const at::Tensor& mean_, const at::Tensor& invstd_, const at::Tensor& sums_, bool relu6) {
+  const int64_t M = check_args("bn_act_backward_sums", x_, gamma_, beta_, c10::nullopt);
+  const int64_t C = x_.size(1);
+  TORCH_CHECK(grad_y_.sizes() == x_.sizes(), "bn_act_backward_sums: grad_y must have x's shape ", x_.sizes(),
+              ", got ", grad_y_.sizes());
+  TORCH_CHECK(mean_.dim() == 1 && mean_.size(0) == C && invstd_.dim() == 1 && invstd_.size(0) == C,
+              "bn_act_backward_sums: mean and invstd must have C = ", C, " entries");
+  TORCH_CHECK(sums_.dim() == 2 && sums_.size(0) == 2 && sums_.size(1) == C && sums_.scalar_type() == at::kDouble,
+              "bn_act_backward_sums: sums must be float64 2 x C = 2 x ", C, ", got ", sums_.scalar_type(), " ",
+              sums_.sizes());
+  for (const at::Tensor* t : {&grad_y_, &mean_, &invstd_})
+    TORCH_CHECK(t->scalar_type() == x_.scalar_type(), "bn_act_backward_sums: dtypes differ (x is ",
+                x_.scalar_type(), ", got ", t->scalar_type(), ")");
+  const bool cl = channels_last(x_);
+  at::Tensor x = as_nhwc(x_), gy = as_nhwc(grad_y_);
+  at::Tensor gamma = gamma_.contiguous(), beta = beta_.contiguous(), mean = mean_.contiguous(),
+             invstd = invstd_.contiguous(), sums = sums_.contiguous();
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor ggamma = at::empty({C}, x.options()), gbeta = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_sums_cpu", [&] {
+    backward_kernel<scalar_t>(M, C, gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), nullptr,
+                              gamma.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+                              invstd.data_ptr<scalar_t>(), relu6, gx.data_ptr<scalar_t>(), nullptr,
+                              ggamma.data_ptr<scalar_t>(), gbeta.data_ptr<scalar_t>(), sums.data_ptr<double>());
+  });
+  return {(cl || x_.dim() != 4) ? gx : gx.contiguous(), ggamma, gbeta};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastface, CPU, m) {
+  m.impl("bn_act_backward_sums", &bn_act_backward_sums_cpu);
   m.impl("bn_act", &bn_act_cpu);
   m.impl("bn_act_backward", &bn_act_backward_cpu);
+  m.impl("bn_stats", &bn_stats_cpu);
 }
-
-}  // namespace fastface
-
-// ---- depthwise conv backward w.r.t. the input (channels_last) ------------------------------------
-// grad_x[n, iy, ix, c] = sum over (ky, kx) with iy = oy*S - P + ky, ix = ox*S - P + kx of
-// grad_out[n, oy, ox, c] * w[c, ky, kx]: a gather, so every grad_x pixel is written once (no zero
-// fill, no scatter), channels vectorised. Tasks are bands
-// of (n, iy) rows; no reductions.
-namespace fastface {
-namespace {
-
-template <typename T>
-void dw_bwd_input_kernel(const T* gy, const T* wP, T* gx, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH,
-                         int64_t OW, int64_t K, int64_t S, int64_t P) {
-  using V = Vec<T>;
-  constexpr int L = V::L;
-  const int64_t nfull = C / L;
-  const auto last = V::tail(C - nfull * L);
-  std::vector<int64_t> xs(static_cast<size_t>(W * K * 2)), xn(static_cast<size_t>(W));
-  for (int64_t ix = 0; ix < W; ++ix) {
-    int64_t n = 0;
-    for (int64_t kx = 0; kx < K; ++kx) {
-      const int64_t o2 = ix + P - kx;
-      if (o2 < 0 || o2 % S != 0 || o2 / S >= OW) continue;
-      xs[size_t((ix * K + n) * 2)] = kx;
-      xs[size_t((ix * K + n) * 2 + 1)] = o2 / S;
-      ++n;
-    }
-    xn[size_t(ix)] = n;
-  }
-  const int64_t rows = N * H, ntasks = std::min<int64_t>(rows, 128), per = (rows + ntasks - 1) / ntasks;
-  const int64_t* xs_p = xs.data();
-  const int64_t* xn_p = xn.data();
-  for_tasks(rows * W * C, (rows + per - 1) / per, [=](int64_t t) {
-    int64_t ky_[16], oy_[16];
-    for (int64_t row = t * per; row < std::min(rows, (t + 1) * per); ++row) {
-      const int64_t n = row / H, iy = row % H;
-      int64_t ny = 0;
-      for (int64_t ky = 0; ky < K; ++ky) {
-        const int64_t o2 = iy + P - ky;
-        if (o2 < 0 || o2 % S != 0 || o2 / S >= OH) continue;
-        ky_[ny] = ky;
-        oy_[ny] = o2 / S;
-        ++ny;
-      }
-      T* __restrict gxr = gx + row * W * C;
-      const T* __restrict gyn = gy + n * OH * OW * C;
-      for (int64_t ix = 0; ix < W; ++ix) {
-        const int64_t nx = xn_p[ix];
-        const int64_t* px = xs_p + ix * K * 2;
-        for (int64_t o = 0; o < C; o += L) {
-          const bool full = o < nfull * L;
-          auto acc = V::zero();
-          for (int64_t a = 0; a < ny; ++a) {
-            const T* __restrict g = gyn + oy_[a] * OW * C + o;
-            const T* __restrict w = wP + ky_[a] * K * C + o;
-            for (int64_t b = 0; b < nx; ++b) {
-              const int64_t kx = px[2 * b], ox = px[2 * b + 1];
-              const auto gv = full ? V::load(g + ox * C) : V::load(g + ox * C, last);
-              const auto wv = full ? V::load(w + kx * C) : V::load(w + kx * C, last);
-              acc = V::fmadd(gv, wv, acc);
-            }
-          }
-          if (full)
-            V::store(gxr + ix * C + o, acc);
-          else
-            V::store(gxr + ix * C + o, acc, last);
-        }
-      }
-    }
-  });
-}
-
-at::Tensor dwconv_backward_input_cpu(const at::Tensor& grad_out_, const at::Tensor& weight, int64_t H, int64_t W,
-                                     int64_t stride, int64_t padding) {
-  TORCH_CHECK(grad_out_.dim() == 4, "dwconv_backward_input: grad_out must be N x C x OH x OW, got ",
-              grad_out_.sizes());
-  const int64_t N = grad_out_.size(0), C = grad_out_.size(1), OH = grad_out_.size(2), OW = grad_out_.size(3);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == weight.size(3),
-              "dwconv_backward_input: weight must be C x 1 x k x k with C = ", C, ", got ", weight.sizes());
-  const int64_t K = weight.size(2);
-  TORCH_CHECK(K <= 16 && stride >= 1 && padding >= 0 && H >= 1 && W >= 1,
-              "dwconv_backward_input: need k <= 16, stride >= 1, padding >= 0, H, W >= 1");
-  TORCH_CHECK((H + 2 * padding - K) / stride + 1 == OH && (W + 2 * padding - K) / stride + 1 == OW,
-              "dwconv_backward_input: grad_out ", grad_out_.sizes(), " is not the output of a ", H, "x", W,
-              " input (k ", K, ", stride ", stride, ", padding ", padding, ")");
-  const auto dt = grad_out_.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "dwconv_backward_input: float32 and float64 only, got ", dt);
-  TORCH_CHECK(weight.scalar_type() == dt, "dwconv_backward_input: dtypes differ");
-  at::Tensor gy = grad_out_.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor wP = weight.reshape({C, K, K}).permute({1, 2, 0}).contiguous();
-  at::Tensor gx = at::empty({N, C, H, W}, gy.options().memory_format(at::MemoryFormat::ChannelsLast));
-  AT_DISPATCH_FLOATING_TYPES(dt, "dwconv_backward_input_cpu", [&] {
-    dw_bwd_input_kernel<scalar_t>(gy.data_ptr<scalar_t>(), wP.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), N, C,
-                                  H, W, OH, OW, K, stride, padding);
-  });
-  return channels_last(grad_out_) ? gx : gx.contiguous();
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastface, CPU, m) { m.impl("dwconv_backward_input", &dwconv_backward_input_cpu); }
 
 }  // namespace fastface

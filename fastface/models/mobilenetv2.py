@@ -50,7 +50,7 @@ from torch import nn
 from fastface.arch import ArchSpec, LayerInfo
 from fastface.models.heads import GDCHead, PoolHead, make_head
 from fastface.ops import bn_act, conv_bias_act, dwconv_bn_act, ir_block, pack_conv_weight, pack_ir_weights
-from fastface.ops.bn_act import DwConvFunction, dwconv_big_input
+from fastface.ops.dwconv_train import BNActDwConvFunction, DwConvFunction, dwconv_kernel_problems
 
 
 _FOLDED_EVAL = [True]
@@ -252,15 +252,10 @@ class ConvBNAct(_FoldCacheOwner):
     def forward_bn_act(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """act(bn(conv(x)) [+ residual]) in training: the conv, then fastface.ops.bn_act (BN with batch
         statistics, the residual add and ReLU6 in one op; running statistics updated as nn.BatchNorm2d).
-        A depthwise conv over a map of >= 32 MiB takes its input gradient from fastface's C++ kernel."""
+        A channels_last depthwise conv takes its gradients from DwConvFunction (fastface's one-pass C++
+        backward where it pays)."""
         c = self.conv
-        if (c.groups == c.in_channels == c.out_channels and c.bias is None and c.dilation == (1, 1)
-                and c.padding_mode == "zeros" and c.stride[0] == c.stride[1] and c.padding[0] == c.padding[1]
-                and isinstance(c.padding[0], int) and x.is_contiguous(memory_format=torch.channels_last)
-                and dwconv_big_input(x)):
-            z = DwConvFunction.apply(x, c.weight, c.stride[0], c.padding[0])
-        else:
-            z = c(x)
+        z = _depthwise(x, c.weight, c) if c.groups == c.in_channels == c.out_channels else c(x)
         return _bn_act_train([self.bn], z, residual, isinstance(self.act, nn.ReLU6))
 
     def _fuses_dw(self) -> bool:
@@ -287,6 +282,45 @@ class ConvBNAct(_FoldCacheOwner):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         w = self.conv.weight * scale.reshape(-1, 1, 1, 1)
         return w, bn.bias - bn.running_mean * scale
+
+
+def _depthwise(x: torch.Tensor, weight: torch.Tensor, c: nn.Conv2d) -> torch.Tensor:
+    """The depthwise conv `c` (its geometry; `weight` may be several branches' weights concatenated) on x in
+    training: through DwConvFunction (fastface's one-pass backward) for channels_last input, else F.conv2d."""
+    if (c.bias is None and c.dilation == (1, 1) and c.padding_mode == "zeros" and c.stride[0] == c.stride[1]
+            and isinstance(c.padding, tuple) and c.padding[0] == c.padding[1]
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return DwConvFunction.apply(x, weight, c.stride[0], c.padding[0])
+    if c.padding_mode == "zeros":
+        return F.conv2d(x, weight, c.bias, c.stride, c.padding, c.dilation, x.shape[1])
+    return c._conv_forward(x, weight, c.bias)  # its padding_mode (weight is then c's own)
+
+
+def _act_dw_fuses(expand: "ConvBNAct", dw: "ConvBNAct", e: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether _bn_act_dwconv_train computes act(bn(e)) -> dw's conv exactly here: an expand BN (batch statistics)
+    with ReLU6, a 3 x 3 depthwise conv (padding 1, stride 1 or 2, no bias; `weight` its own or several branches'
+    concatenated) and a channels_last CPU input the C++ kernels take."""
+    c = dw.conv
+    return (expand._bn_act_fuses() and isinstance(expand.act, nn.ReLU6) and c.groups == c.in_channels == c.out_channels
+            and c.bias is None and c.dilation == (1, 1) and c.padding_mode == "zeros" and c.kernel_size == (3, 3)
+            and c.stride[0] == c.stride[1] and c.padding == (1, 1) and e.is_contiguous(memory_format=torch.channels_last)
+            and not dwconv_kernel_problems(e, weight, c.stride[0], 1))
+
+
+def _bn_act_dwconv_train(bns: Sequence[nn.BatchNorm2d], e: torch.Tensor, weight: torch.Tensor,
+                         stride: int) -> torch.Tensor:
+    """dwconv3x3(relu6(BN(e))) in training for BNs over consecutive channel slices of e, through
+    BNActDwConvFunction (the activation never stored); the running statistics updated as nn.BatchNorm2d does."""
+    bn0 = bns[0]
+    count = _check_batch(e.shape)
+    if len(bns) == 1:
+        g, b = bn0.weight, bn0.bias
+    else:
+        g, b = torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])
+    z, mean, invstd = BNActDwConvFunction.apply(e, g, b, weight, stride, bn0.eps)
+    if bn0.training:
+        _update_running_stats(bns, mean, invstd, count)
+    return z
 
 
 def _plain_geometry(conv: nn.Conv2d) -> bool:
@@ -414,12 +448,17 @@ def _grouped_block_train_bn_act(blocks: Sequence["InvertedResidual"], x: torch.T
     """_grouped_block_train on eager CPU: grouped convs, each followed by one bn_act call."""
     g, b0 = len(blocks), blocks[0]
     h = x
+    c = b0.dw.conv
+    wd = torch.cat([b.dw.conv.weight for b in blocks])
     if b0.expand is not None:
         w = torch.cat([b.expand.conv.weight for b in blocks])
-        h = _bn_act_train([b.expand.bn for b in blocks], F.conv2d(h, w, None, 1, 0, 1, g), None, True)
-    c = b0.dw.conv
-    w = torch.cat([b.dw.conv.weight for b in blocks])
-    z = F.conv2d(h, w, None, c.stride, c.padding, c.dilation, h.shape[1])
+        e = F.conv2d(h, w, None, 1, 0, 1, g)
+        if _act_dw_fuses(b0.expand, b0.dw, e, wd):
+            z = _bn_act_dwconv_train([b.expand.bn for b in blocks], e, wd, c.stride[0])
+        else:
+            z = _depthwise(_bn_act_train([b.expand.bn for b in blocks], e, None, True), wd, c)
+    else:
+        z = _depthwise(h, wd, c)
     h = _bn_act_train([b.dw.bn for b in blocks], z, None, isinstance(b0.dw.act, nn.ReLU6))
     w = torch.cat([b.project.conv.weight for b in blocks])
     return _bn_act_train([b.project.bn for b in blocks], F.conv2d(h, w, None, 1, 0, 1, g),
@@ -446,8 +485,20 @@ class InvertedResidual(_FoldCacheOwner):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and _FOLDED_EVAL[-1] and _blocks_fold([self]):
             return self.forward_folded(x)
-        h = self.expand(x) if self.expand is not None else x
-        h = self.dw(h)
+        ex, dw = self.expand, self.dw
+        if (self.training and ex is not None and ex.training and dw.training and _FUSED_TRAIN[-1]
+                and dw._bn_act_fuses() and _eager_cpu(x, ex.conv.weight)):
+            # Expand BN + ReLU6 folded into the depthwise conv's input: the activation is never stored.
+            e = ex.conv(x)
+            if _act_dw_fuses(ex, dw, e, dw.conv.weight):
+                z = _bn_act_dwconv_train([ex.bn], e, dw.conv.weight, dw.conv.stride[0])
+                h = _bn_act_train([dw.bn], z, None, isinstance(dw.act, nn.ReLU6))
+            else:
+                h = dw(_bn_act_train([ex.bn], e, None, isinstance(ex.act, nn.ReLU6)) if ex._bn_act_fuses() else
+                       ex.act(ex.bn(e)))
+        else:
+            h = self.expand(x) if ex is not None else x
+            h = self.dw(h)
         p = self.project
         if (self.use_res and self.training and p.training and _FUSED_TRAIN[-1] and p._bn_act_fuses()
                 and isinstance(p.act, nn.Identity) and _eager_cpu(h, p.conv.weight)):

@@ -18,10 +18,7 @@ reference runs, i.e. ATen's batch norm, which cuDNN/inductor already serve well)
 with autograd through `BNActFunction`. mean and invstd are not differentiable.
 `torch.ops.fastface.bn_act` itself is differentiable too (registered autograd: the backward op).
 
-Also here: `DwConvFunction`, a depthwise conv2d whose input gradient comes from the C++ kernel
-`dwconv_backward_input` (the training path uses it for maps of >= 32 MiB with the CPU cache off,
-see DW_BIG_BYTES).
-Their outputs come from PyTorch's CPU allocator; the trainer runs its steps under
+Its outputs come from PyTorch's CPU allocator; the trainer runs its steps under
 fastface.ops.cpu_cache, so large ones are reused rather than page-faulted in every step.
 
 The references below define the semantics every backend is tested against.
@@ -35,7 +32,6 @@ import torch.nn.functional as F
 
 from fastface._ext import has_op
 from fastface.ops._common import like_input
-from fastface.ops.cpu_cache import enabled as cpu_cache_enabled
 from fastface.ops.ir_block import MemoFusedOp, extension_reasons
 
 OP = "fastface::bn_act"
@@ -211,59 +207,3 @@ for _b in ("cpp", "reference"):
     bn_act.register(_b, _REASONS[_b])(_autograd_impl(_b))
     bn_act_backward.register(_b, _backward_reasons(_REASONS[_b]))(_BACKWARD[_b])
 del _b
-
-
-# ---- depthwise conv with the C++ input gradient ------------------------------------------------
-
-DW_OP = "fastface::dwconv_backward_input"
-# Inputs at least this large take the C++ input gradient when fastface.ops.cpu_cache is off: [64, 96, 56,
-# 56] stride 2 took 29 ms in oneDNN and 6 ms here (on fresh pages, the bulk of oneDNN's time); below it,
-# or with the cache on, oneDNN was faster.
-DW_BIG_BYTES = 32 << 20
-
-
-def dwconv_backward_input_reference(grad_out: torch.Tensor, weight: torch.Tensor, h: int, w: int, stride: int,
-                                    padding: int) -> torch.Tensor:
-    """Plain PyTorch: ATen's convolution backward w.r.t. the input of conv2d(groups=C)."""
-    x = grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], h, w))
-    return torch.ops.aten.convolution_backward(grad_out, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False,
-                                               [0, 0], grad_out.shape[1], [True, False, False])[0]
-
-
-if has_op("dwconv_backward_input"):
-
-    @torch.library.register_fake(DW_OP)
-    def _dwconv_backward_input_fake(grad_out, weight, h, w, stride, padding):
-        return like_input(grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], h, w)), grad_out)
-
-
-class DwConvFunction(torch.autograd.Function):
-    """Depthwise conv2d (no bias, no dilation): ATen's forward and weight gradient, the input gradient from
-    fastface.ops' C++ kernel (dwconv_backward_input) when the extension is loaded, else ATen's."""
-
-    @staticmethod
-    def forward(ctx, x, weight, stride, padding):
-        ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding = stride, padding
-        return F.conv2d(x, weight, None, stride, padding, 1, x.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        s, p = ctx.stride, ctx.padding
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            fn = (torch.ops.fastface.dwconv_backward_input if has_op("dwconv_backward_input") and x.device.type == "cpu"
-                  and x.dtype in (torch.float32, torch.float64) else dwconv_backward_input_reference)
-            gx = fn(grad_out, weight, x.shape[2], x.shape[3], s, p)
-        if ctx.needs_input_grad[1]:
-            gw = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0],
-                                                     x.shape[1], [False, True, False])[1]
-        return gx, gw, None, None
-
-
-def dwconv_big_input(x: torch.Tensor) -> bool:
-    """Whether DwConvFunction's C++ input gradient pays for this (CPU, channels_last) input: >= DW_BIG_BYTES,
-    and fastface.ops.cpu_cache off (with the cache oneDNN's gradient is not page-faulted in and was faster:
-    9.5 vs 10.7 ms for both gradients of [64, 96, 56, 56] stride 2)."""
-    return x.numel() * x.element_size() >= DW_BIG_BYTES and not cpu_cache_enabled()

@@ -1,0 +1,517 @@
+// Depthwise 3 x 3 conv (padding 1, stride 1 or 2, no bias, no dilation) for training on the CPU,
+// forward and both gradients, optionally of a BN + ReLU6 applied on the fly to its input:
+//   a = relu6((x - mean) * scale + beta)   (per channel, bn_act's formula; or a = x without them)
+//   z[n, oy, ox, c] = sum over taps (ky, kx) of a[n, oy*S - 1 + ky, ox*S - 1 + kx, c] * w[c, ky, kx]
+// With the prologue the activation a, the largest tensor of an inverted-residual block, is never
+// stored: the forward applies it to each input row as it buffers it, the backward recomputes it.
+//
+// Forward: per (band of output rows, channel vector) the input rows are activated once into a small
+// ring of zero-padded rows (three rows of W + 2 vectors, in L1), so every tap is a plain load.
+//
+// Backward: grad_x[iy, ix] = sum of grad_out[oy, ox] * w[ky, kx] and grad_w[ky, kx] = sum of
+// grad_out[oy, ox] * a[iy, ix] pair the same grad_out value with the same input pixel, so one gather
+// per input pixel feeds both: every grad_out vector loaded for grad_x also updates grad_w (ATen/oneDNN
+// runs them as two passes). Per (band of input rows, channel vector) the nine weights and nine grad_w
+// accumulators stay in registers; which taps exist is a compile-time mask per row and per pixel (a
+// switch at the borders and between stride-2 parities), so the inner loop has no bounds checks.
+// With the prologue the first output is the gradient w.r.t. a; on request (sums) the same pass also
+// reduces the BN backward's per-channel sums of g = grad_a behind the ReLU6 mask: sum(g) and
+// sum(g * (x - mean)), so that BN backward (bn_act_backward_sums) needs one pass, not two.
+//
+// NHWC (channels_last) is the layout, channels vectorised; NCHW inputs are converted on entry and
+// exit. Tasks are bands of rows fixed by the shape alone; grad_w's per-task partials (float32 per
+// band, float64 per task) are merged in task order, so results do not depend on the thread count.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "simd.h"
+
+#if defined(__GNUC__)
+#define FF_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FF_ALWAYS_INLINE inline
+#endif
+
+namespace fastface {
+namespace {
+
+using simd::Vec;
+
+constexpr int K = 3;  // the kernel size served (MobileNetV2's); others take ATen's path
+constexpr int NT = K * K;
+constexpr int64_t kStreamBytes = int64_t(16) << 20;  // outputs this large take non-temporal stores
+
+inline bool channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+struct Geo {
+  int64_t N, C, H, W, OH, OW;
+};
+
+// Per channel vector: the nine weights, the prologue's scale and shift, the tail mask.
+template <typename T>
+struct VecConsts {
+  typename Vec<T>::reg w[NT];
+  typename Vec<T>::reg mu, sc, be;
+  typename Vec<T>::mask m;
+};
+
+// The backward's per-channel-vector accumulators: grad_w per tap, then the BN sums (sum g, sum g * xc).
+constexpr int NACC = NT + 2;
+
+template <typename T>
+struct Regs {  // a plain array (std::array of vector types drops their alignment attributes)
+  typename Vec<T>::reg v[NACC];
+  FF_ALWAYS_INLINE typename Vec<T>::reg& operator[](int i) { return v[i]; }
+};
+
+// Per-channel constants tap-major (or one row) with rows padded to whole vectors (zeros past C).
+template <typename T>
+struct Consts {
+  std::vector<T> w, mu, sc, be;
+  int64_t Cp;
+  Consts(const at::Tensor& weight, const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& scale,
+         const c10::optional<at::Tensor>& beta, int64_t C)
+      : w(size_t(NT * simd::padded<T>(C)), T(0)),
+        mu(size_t(simd::padded<T>(C)), T(0)),
+        sc(size_t(simd::padded<T>(C)), T(0)),
+        be(size_t(simd::padded<T>(C)), T(0)),
+        Cp(simd::padded<T>(C)) {
+    at::Tensor wc = weight.reshape({C, NT}).contiguous();
+    const T* wp = wc.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c)
+      for (int k = 0; k < NT; ++k) w[size_t(k * Cp + c)] = wp[c * NT + k];
+    const std::pair<const c10::optional<at::Tensor>*, std::vector<T>*> rows[] = {{&mean, &mu}, {&scale, &sc},
+                                                                                 {&beta, &be}};
+    for (const auto& r : rows) {
+      if (!r.first->has_value()) continue;
+      at::Tensor t = (*r.first)->contiguous();
+      std::copy(t.data_ptr<T>(), t.data_ptr<T>() + C, r.second->begin());
+    }
+  }
+  VecConsts<T> at(int64_t o, int64_t C) const {
+    using V = Vec<T>;
+    VecConsts<T> k;
+    for (int i = 0; i < NT; ++i) k.w[i] = V::load(w.data() + i * Cp + o);
+    k.mu = V::load(mu.data() + o);
+    k.sc = V::load(sc.data() + o);
+    k.be = V::load(be.data() + o);
+    k.m = V::tail(C - o);
+    return k;
+  }
+};
+
+// How a channel vector is loaded and an output stored: whole vectors, the masked tail, or whole
+// vectors with non-temporal stores (large outputs: no read for ownership of lines that would leave
+// the cache anyway).
+constexpr int kPlain = 0, kMasked = 1, kStream = 2;
+
+// The backward's flavours: a plain conv, the BN + ReLU6 prologue, the prologue and the BN sums.
+constexpr int kNoPrologue = 0, kPrologue = 1, kPrologueSums = 2;
+
+template <typename T, int MODE>
+FF_ALWAYS_INLINE typename Vec<T>::reg load(const T* p, typename Vec<T>::mask m) {
+  return MODE == kMasked ? Vec<T>::load(p, m) : Vec<T>::load(p);
+}
+
+template <typename T, int MODE>
+FF_ALWAYS_INLINE void store(T* p, typename Vec<T>::reg v, typename Vec<T>::mask m) {
+  if (MODE == kMasked)
+    Vec<T>::store(p, v, m);
+  else if (MODE == kStream)
+    Vec<T>::stream(p, v);
+  else
+    Vec<T>::store(p, v);
+}
+
+template <typename T, bool PRO>
+FF_ALWAYS_INLINE typename Vec<T>::reg activate(typename Vec<T>::reg v, const VecConsts<T>& k) {
+  return PRO ? simd::relu6<T>(Vec<T>::fmadd(Vec<T>::sub(v, k.mu), k.sc, k.be)) : v;
+}
+
+// body(t) for t in [0, ntasks) on ATen's threads (serially when the work is tiny).
+template <class F>
+void for_tasks(int64_t elems, int64_t ntasks, F&& body) {
+  if (elems < (int64_t(1) << 15) || ntasks == 1) {
+    for (int64_t t = 0; t < ntasks; ++t) body(t);
+  } else {
+    at::parallel_for(0, ntasks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) body(t);
+    });
+  }
+}
+
+// Rows per task for `rows` rows of row_bytes each: up to 64 tasks of at least ~256 KiB, fixed by the
+// shape alone (the backward's every task adds a 9 x C float64 partial to a serial-order merge).
+int64_t task_rows(int64_t rows, int64_t row_bytes) {
+  const int64_t by_size = std::max<int64_t>(1, rows * row_bytes / (256 * 1024));
+  const int64_t ntasks = std::min<int64_t>({rows, int64_t(64), by_size});
+  return (rows + ntasks - 1) / ntasks;
+}
+
+// Rows per band: a band is swept once per channel vector, so ~96 KiB of it should stay in L2.
+int64_t band_rows(int64_t row_bytes) { return std::max<int64_t>(1, (96 * 1024) / std::max<int64_t>(row_bytes, 1)); }
+
+// ---- forward ----------------------------------------------------------------------------------
+
+// Input row xr (W pixels x C channels, read in memory order) activated into a ring slot laid out
+// [channel vector][W + 2][L], zero-padded at both ends of every vector's row: taps become plain loads.
+template <typename T, bool PRO>
+void fill_row(T* slot, const T* xr, int64_t W, int64_t C, const Consts<T>& cst) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const int64_t nv = cst.Cp / L, pitch = (W + 2) * L, full = C / L;
+  for (int64_t v = 0; v < nv; ++v) {
+    V::store(slot + v * pitch, V::zero());
+    V::store(slot + v * pitch + (W + 1) * L, V::zero());
+  }
+  for (int64_t v = 0; v < nv; ++v) {  // the prologue's constants stay in registers per vector
+    const VecConsts<T> k = cst.at(v * L, C);
+    T* dst = slot + v * pitch + L;
+    const T* src = xr + v * L;
+    if (v < full) {
+      for (int64_t ix = 0; ix < W; ++ix) V::store(dst + ix * L, activate<T, PRO>(V::load(src + ix * C), k));
+    } else {
+      for (int64_t ix = 0; ix < W; ++ix) V::store(dst + ix * L, activate<T, PRO>(V::load(src + ix * C, k.m), k));
+    }
+  }
+}
+
+// One output pixel at one channel vector from the three ring rows (padded: ox * S + kx is in range).
+template <typename T, int S, int MODE>
+FF_ALWAYS_INLINE void out_pixel(const T* const* rows, T* zp, int64_t ox, const VecConsts<T>& k) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  auto acc = V::zero();
+#pragma GCC unroll 3
+  for (int ky = 0; ky < K; ++ky) {
+    const T* p = rows[ky] + ox * S * L;
+#pragma GCC unroll 3
+    for (int kx = 0; kx < K; ++kx) acc = V::fmadd(V::load(p + kx * L), k.w[ky * K + kx], acc);
+  }
+  store<T, MODE>(zp, acc, k.m);
+}
+
+template <typename T, int S, bool PRO>
+void forward_kernel(const Geo& G, const T* x, T* z, const Consts<T>& cst) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const int64_t C = G.C, W = G.W, rows = G.N * G.OH, row_bytes = G.OW * C * int64_t(sizeof(T));
+  const int64_t per = task_rows(rows, row_bytes), ntasks = (rows + per - 1) / per;
+  const int64_t nv = cst.Cp / L, full = C / L, vpitch = (W + 2) * L, spitch = nv * vpitch;
+  const bool nt = simd::stream_ok(z, rows * G.OW, C, kStreamBytes);
+  for_tasks(rows * G.OW * C, ntasks, [&](int64_t t) {
+    T* ring = simd::scratch<T, 8>(size_t(4 * spitch));
+    T* zero_slot = ring + 3 * spitch;
+    std::fill(zero_slot, zero_slot + spitch, T(0));
+    int64_t held[K] = {-1, -1, -1};  // which input row (n * H + iy) each ring slot holds
+    for (int64_t r = t * per; r < std::min(rows, (t + 1) * per); ++r) {
+      const int64_t n = r / G.OH, oy = r % G.OH;
+      const T* slots[K];
+      for (int ky = 0; ky < K; ++ky) {
+        const int64_t iy = oy * S - 1 + ky;
+        if (iy < 0 || iy >= G.H) {
+          slots[ky] = zero_slot;
+          continue;
+        }
+        const int64_t id = n * G.H + iy, s = iy % K;  // three consecutive rows: three slots
+        T* slot = ring + s * spitch;
+        if (held[s] != id) {
+          fill_row<T, PRO>(slot, x + id * W * C, W, C, cst);
+          held[s] = id;
+        }
+        slots[ky] = slot;
+      }
+      T* zr = z + r * G.OW * C;
+      for (int64_t v = 0; v < nv; ++v) {
+        const VecConsts<T> k = cst.at(v * L, C);
+        const T* rv[K] = {slots[0] + v * vpitch, slots[1] + v * vpitch, slots[2] + v * vpitch};
+        T* zo = zr + v * L;
+        if (v >= full) {
+          for (int64_t ox = 0; ox < G.OW; ++ox) out_pixel<T, S, kMasked>(rv, zo + ox * C, ox, k);
+        } else if (nt) {
+          for (int64_t ox = 0; ox < G.OW; ++ox) out_pixel<T, S, kStream>(rv, zo + ox * C, ox, k);
+        } else {
+          for (int64_t ox = 0; ox < G.OW; ++ox) out_pixel<T, S, kPlain>(rv, zo + ox * C, ox, k);
+        }
+      }
+    }
+    if (nt) simd::stream_fence();
+  });
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+// The taps a row (or a pixel) of the input receives: bit k set when output index (i + 1 - k) / S
+// exists (divisible by S and in [0, O)).
+template <int S>
+inline int tap_mask(int64_t i, int64_t O) {
+  int m = 0;
+  for (int k = 0; k < K; ++k) {
+    const int64_t o2 = i + 1 - k;
+    if (o2 >= 0 && o2 % S == 0 && o2 / S < O) m |= 1 << k;
+  }
+  return m;
+}
+
+// One input pixel, one channel vector: grad_x from the taps, grad_w accumulated from the same loads.
+// g[ky] points at grad_out row oy(ky) at this channel vector; gxp/xp at the pixel.
+template <typename T, int S, int FL, int RM, int CM, int MODE>
+FF_ALWAYS_INLINE void pixel(const T* const* g, int64_t ix, int64_t C, const T* xp, T* gxp, const VecConsts<T>& k,
+                            Regs<T>& gw) {
+  using V = Vec<T>;
+  const auto xv = load<T, MODE == kStream ? kPlain : MODE>(xp, k.m);
+  auto xc = V::zero(), pre = V::zero(), av = xv;
+  if (FL != kNoPrologue) {
+    xc = V::sub(xv, k.mu);
+    pre = V::fmadd(xc, k.sc, k.be);
+    av = simd::relu6<T>(pre);
+  }
+  auto acc = V::zero();
+#pragma GCC unroll 3
+  for (int ky = 0; ky < K; ++ky) {
+    if (!((RM >> ky) & 1)) continue;
+#pragma GCC unroll 3
+    for (int kx = 0; kx < K; ++kx) {
+      if (!((CM >> kx) & 1)) continue;
+      const int64_t ox = (ix + 1 - kx) / S;
+      const auto gv = load<T, MODE == kStream ? kPlain : MODE>(g[ky] + ox * C, k.m);
+      acc = V::fmadd(gv, k.w[ky * K + kx], acc);
+      gw[ky * K + kx] = V::fmadd(gv, av, gw[ky * K + kx]);
+    }
+  }
+  store<T, MODE>(gxp, acc, k.m);
+  if (FL == kPrologueSums) {  // the BN backward's sums of g = grad_a behind the ReLU6 mask
+    const auto g = V::keep_open(acc, pre, V::zero(), V::set1(T(6)));
+    gw[NT] = V::add(gw[NT], g);
+    gw[NT + 1] = V::fmadd(g, xc, gw[NT + 1]);
+  }
+}
+
+template <typename T, int S, int FL, int RM, int MODE>
+FF_ALWAYS_INLINE void pixel_any(int cm, const T* const* g, int64_t ix, int64_t C, const T* xp, T* gxp,
+                                const VecConsts<T>& k, Regs<T>& gw) {
+  switch (cm) {
+#define FF_CASE(c) \
+  case c:          \
+    pixel<T, S, FL, RM, c, MODE>(g, ix, C, xp, gxp, k, gw); \
+    break;
+    FF_CASE(0) FF_CASE(1) FF_CASE(2) FF_CASE(3) FF_CASE(4) FF_CASE(5) FF_CASE(6) FF_CASE(7)
+#undef FF_CASE
+  }
+}
+
+// One input row at one channel vector: its pixels in order, the common column masks without the switch.
+template <typename T, int S, int FL, int RM, int MODE>
+FF_ALWAYS_INLINE void row_pixels(const Geo& G, const T* const* g, const T* xo, T* gxo, const VecConsts<T>& k,
+                                 Regs<T>& gw, const int* cmask) {
+  const int64_t C = G.C, W = G.W;
+  if (S == 1) {
+    // Interior columns 1..W-2 receive all three taps.
+    pixel_any<T, S, FL, RM, MODE>(cmask[0], g, 0, C, xo, gxo, k, gw);
+    for (int64_t ix = 1; ix < W - 1; ++ix) pixel<T, S, FL, RM, 7, MODE>(g, ix, C, xo + ix * C, gxo + ix * C, k, gw);
+    if (W > 1) pixel_any<T, S, FL, RM, MODE>(cmask[W - 1], g, W - 1, C, xo + (W - 1) * C, gxo + (W - 1) * C, k, gw);
+  } else {
+    // Stride 2: even columns take the middle tap (mask 2), odd ones the outer two (mask 5) except
+    // possibly the last; any other mask goes through the switch.
+    int64_t ix = 0;
+    for (; ix + 1 < W; ix += 2) {
+      const T* x0 = xo + ix * C;
+      T* g0 = gxo + ix * C;
+      if (cmask[ix] == 2)
+        pixel<T, S, FL, RM, 2, MODE>(g, ix, C, x0, g0, k, gw);
+      else
+        pixel_any<T, S, FL, RM, MODE>(cmask[ix], g, ix, C, x0, g0, k, gw);
+      if (cmask[ix + 1] == 5)
+        pixel<T, S, FL, RM, 5, MODE>(g, ix + 1, C, x0 + C, g0 + C, k, gw);
+      else
+        pixel_any<T, S, FL, RM, MODE>(cmask[ix + 1], g, ix + 1, C, x0 + C, g0 + C, k, gw);
+    }
+    if (ix < W) pixel_any<T, S, FL, RM, MODE>(cmask[ix], g, ix, C, xo + ix * C, gxo + ix * C, k, gw);
+  }
+}
+
+// Input rows [r0, r1) at channel vector [o, o + L): the weights and grad_w accumulators are loaded
+// and flushed once per band, not per row (7 x 7 maps have 7 pixels a row).
+template <typename T, int S, int FL, int MODE>
+void bwd_band_vector(const Geo& G, const T* gy, const T* x, T* gx, const Consts<T>& cst, T* gwt, int64_t r0,
+                     int64_t r1, int64_t o, const int* cmask) {
+  using V = Vec<T>;
+  const int64_t C = G.C, W = G.W;
+  const VecConsts<T> k = cst.at(o, C);
+  Regs<T> gw;
+  for (int i = 0; i < NACC; ++i) gw[i] = V::zero();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / G.H, iy = r % G.H;
+    const T* g[K];
+    for (int ky = 0; ky < K; ++ky) {
+      const int64_t oy = std::min<int64_t>(std::max<int64_t>(iy + 1 - ky, 0) / S, G.OH - 1);  // read only if valid
+      g[ky] = gy + (n * G.OH + oy) * G.OW * C + o;
+    }
+    const T* xo = x + r * W * C + o;
+    T* gxo = gx + r * W * C + o;
+    switch (tap_mask<S>(iy, G.OH)) {
+#define FF_CASE(rm) \
+  case rm:          \
+    row_pixels<T, S, FL, rm, MODE>(G, g, xo, gxo, k, gw, cmask); \
+    break;
+      FF_CASE(1) FF_CASE(2) FF_CASE(3) FF_CASE(4) FF_CASE(5) FF_CASE(6) FF_CASE(7)
+#undef FF_CASE
+      default:  // no tap reaches this row: its gradient is 0
+        for (int64_t ix = 0; ix < W; ++ix) store<T, MODE>(gxo + ix * C, V::zero(), k.m);
+    }
+  }
+  T* acc = gwt + o;
+  for (int i = 0; i < NACC; ++i) V::store(acc + i * cst.Cp, V::add(V::load(acc + i * cst.Cp), gw[i]));
+}
+
+template <typename T, int S, int FL>
+void backward_kernel(const Geo& G, const T* gy, const T* x, T* gx, const Consts<T>& cst, double* gwd) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const int64_t C = G.C, Cp = cst.Cp, rows = G.N * G.H, row_bytes = G.W * C * int64_t(sizeof(T));
+  const int64_t per = task_rows(rows, row_bytes), ntasks = (rows + per - 1) / per, band = band_rows(row_bytes);
+  const int64_t full = C / L * L;
+  const bool nt = simd::stream_ok(gx, rows * G.W, C, kStreamBytes);
+  std::vector<int> cmask(static_cast<size_t>(G.W));
+  for (int64_t ix = 0; ix < G.W; ++ix) cmask[size_t(ix)] = tap_mask<S>(ix, G.OW);
+  std::vector<double> part(static_cast<size_t>(ntasks * NACC * C), 0.0);
+  const int* cm = cmask.data();
+  double* partp = part.data();
+  for_tasks(rows * G.W * C, ntasks, [&](int64_t t) {
+    T* gwt = simd::scratch<T, 7>(size_t(NACC * Cp));
+    std::fill(gwt, gwt + NACC * Cp, T(0));
+    for (int64_t b0 = t * per, t1 = std::min(rows, (t + 1) * per); b0 < t1; b0 += band) {
+      const int64_t b1 = std::min(t1, b0 + band);
+      for (int64_t o = 0; o < full; o += L) {
+        if (nt)
+          bwd_band_vector<T, S, FL, kStream>(G, gy, x, gx, cst, gwt, b0, b1, o, cm);
+        else
+          bwd_band_vector<T, S, FL, kPlain>(G, gy, x, gx, cst, gwt, b0, b1, o, cm);
+      }
+      if (full < C) bwd_band_vector<T, S, FL, kMasked>(G, gy, x, gx, cst, gwt, b0, b1, full, cm);
+    }
+    if (nt) simd::stream_fence();
+    double* dst = partp + t * NACC * C;
+    for (int i = 0; i < NACC; ++i)
+      for (int64_t c = 0; c < C; ++c) dst[i * C + c] = double(gwt[i * Cp + c]);
+  });
+  // Task partials summed in task order (per element, so any split of the elements gives the same sums).
+  at::parallel_for(0, NACC * C, 2048, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      double acc = 0.0;
+      for (int64_t t = 0; t < ntasks; ++t) acc += partp[t * NACC * C + i];
+      gwd[i] = acc;
+    }
+  });
+}
+
+// ---- ops --------------------------------------------------------------------------------------
+
+using Opt = c10::optional<at::Tensor>;
+
+Geo check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding,
+               const Opt& mean, const Opt& scale, const Opt& beta) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be N x C x H x W, got ", x.sizes());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == K &&
+                  weight.size(3) == K,
+              op, ": weight must be C x 1 x 3 x 3 with C = ", C, ", got ", weight.sizes());
+  TORCH_CHECK((stride == 1 || stride == 2) && padding == 1, op,
+              ": the CPU kernel serves stride 1 or 2 with padding 1, got stride ", stride, ", padding ", padding);
+  TORCH_CHECK(N >= 1 && C >= 1 && H >= 1 && W >= 1, op, ": empty input ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, op, ": float32 and float64 only, got ", dt);
+  TORCH_CHECK(weight.scalar_type() == dt, op, ": dtypes differ (x is ", dt, ", weight ", weight.scalar_type(), ")");
+  TORCH_CHECK(mean.has_value() == scale.has_value() && scale.has_value() == beta.has_value(), op,
+              ": give mean, scale and beta (the BN + ReLU6 prologue), or none of them");
+  if (scale.has_value()) {
+    for (const at::Tensor* t : {&*mean, &*scale, &*beta}) {
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": mean, scale and beta must have C = ", C,
+                  " entries, got ", t->sizes());
+      TORCH_CHECK(t->scalar_type() == dt, op, ": dtypes differ (x is ", dt, ", mean/scale/beta ", t->scalar_type(),
+                  ")");
+    }
+  }
+  return {N, C, H, W, (H + 2 - K) / stride + 1, (W + 2 - K) / stride + 1};
+}
+
+// f(S, FL) with the stride and the flavour as integral constants.
+template <typename F>
+void dispatch_geometry(int64_t stride, int flavour, F&& f) {
+  auto with_stride = [&](auto S) {
+    if (flavour == kPrologueSums)
+      f(S, std::integral_constant<int, kPrologueSums>{});
+    else if (flavour == kPrologue)
+      f(S, std::integral_constant<int, kPrologue>{});
+    else
+      f(S, std::integral_constant<int, kNoPrologue>{});
+  };
+  if (stride == 1)
+    with_stride(std::integral_constant<int, 1>{});
+  else
+    with_stride(std::integral_constant<int, 2>{});
+}
+
+at::Tensor dwconv_forward_cpu(const at::Tensor& x_, const at::Tensor& weight, int64_t stride, int64_t padding,
+                              const Opt& mean, const Opt& scale, const Opt& beta) {
+  const Geo G = check_args("dwconv_forward", x_, weight, stride, padding, mean, scale, beta);
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor x = x_.contiguous(cl);
+  at::Tensor z = at::empty({G.N, G.C, G.OH, G.OW}, x.options().memory_format(cl));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_forward_cpu", [&] {
+    const Consts<scalar_t> cst(weight, mean, scale, beta, G.C);
+    dispatch_geometry(stride, scale.has_value() ? kPrologue : kNoPrologue, [&](auto S, auto FL) {
+      forward_kernel<scalar_t, decltype(S)::value, decltype(FL)::value != kNoPrologue>(
+          G, x.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), cst);
+    });
+  });
+  return channels_last(x_) ? z : z.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward_cpu(const at::Tensor& grad_out_, const at::Tensor& x_,
+                                                                   const at::Tensor& weight, int64_t stride,
+                                                                   int64_t padding, const Opt& mean, const Opt& scale,
+                                                                   const Opt& beta, bool sums) {
+  const Geo G = check_args("dwconv_backward", x_, weight, stride, padding, mean, scale, beta);
+  TORCH_CHECK(grad_out_.dim() == 4 && grad_out_.size(0) == G.N && grad_out_.size(1) == G.C &&
+                  grad_out_.size(2) == G.OH && grad_out_.size(3) == G.OW,
+              "dwconv_backward: grad_out ", grad_out_.sizes(), " is not the output of x ", x_.sizes(), " (stride ",
+              stride, "): expected [", G.N, ", ", G.C, ", ", G.OH, ", ", G.OW, "]");
+  TORCH_CHECK(grad_out_.scalar_type() == x_.scalar_type(), "dwconv_backward: dtypes differ (x is ",
+              x_.scalar_type(), ", grad_out ", grad_out_.scalar_type(), ")");
+  TORCH_CHECK(!sums || scale.has_value(), "dwconv_backward: sums need the BN + ReLU6 prologue (mean, scale, beta)");
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor gy = grad_out_.contiguous(cl), x = x_.contiguous(cl);
+  at::Tensor gx = at::empty({G.N, G.C, G.H, G.W}, x.options().memory_format(cl));
+  std::vector<double> acc(static_cast<size_t>(NACC * G.C));
+  const int flavour = !scale.has_value() ? kNoPrologue : sums ? kPrologueSums : kPrologue;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_backward_cpu", [&] {
+    const Consts<scalar_t> cst(weight, mean, scale, beta, G.C);
+    dispatch_geometry(stride, flavour, [&](auto S, auto FL) {
+      backward_kernel<scalar_t, decltype(S)::value, decltype(FL)::value>(
+          G, gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), cst, acc.data());
+    });
+  });
+  at::Tensor gw = at::empty({G.C, NT}, x.options().dtype(at::kDouble));
+  double* out = gw.data_ptr<double>();
+  for (int i = 0; i < NT; ++i)
+    for (int64_t c = 0; c < G.C; ++c) out[c * NT + i] = acc[size_t(i * G.C + c)];
+  at::Tensor bn = at::empty({sums ? 2 : 0, G.C}, x.options().dtype(at::kDouble));
+  if (sums) std::copy(acc.begin() + NT * G.C, acc.end(), bn.data_ptr<double>());
+  return {channels_last(x_) ? gx : gx.contiguous(), gw.to(x.scalar_type()).reshape({G.C, 1, K, K}), bn};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastface, CPU, m) {
+  m.impl("dwconv_forward", &dwconv_forward_cpu);
+  m.impl("dwconv_backward", &dwconv_backward_cpu);
+}
+
+}  // namespace fastface

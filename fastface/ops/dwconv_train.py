@@ -1,0 +1,184 @@
+"""Depthwise 3 x 3 conv for training on the CPU, optionally behind a BN + ReLU6 that is never stored.
+
+    dwconv_forward(x, weight, stride, padding, mean=None, scale=None, beta=None) -> z
+    dwconv_backward(grad_out, x, weight, stride, padding, mean=None, scale=None, beta=None, sums=False)
+        -> (grad_a, grad_weight, bn_sums)
+    bn_stats(x, eps) -> (mean, invstd)                     (fastface.ops.bn_act's statistics pass alone)
+    bn_act_backward_sums(grad_y, x, gamma, beta, mean, invstd, sums, relu6) -> (grad_x, grad_gamma, grad_beta)
+
+x: N x C x H x W; weight: C x 1 x 3 x 3; padding 1, stride 1 or 2, no bias, no dilation. With
+mean, scale and beta (C each) the conv's input is a = relu6((x - mean) * scale + beta) (bn_act's
+formula), applied on the fly: the forward activates each input row as it buffers it, the backward
+recomputes a for grad_weight, and its first output is the gradient w.r.t. a. Without them a = x.
+With sums=True the backward also reduces, in the same pass, the BN backward's per-channel sums
+(float64 2 x C: sum(g), sum(g * (x - mean)) for g = grad_a behind the ReLU6 mask), and
+bn_act_backward_sums finishes that BN backward in one pass instead of bn_act_backward's two.
+The backward pairs every
+grad_out vector it loads for grad_a with the input pixel it meets for grad_weight, so grad_out and
+x are read once (oneDNN's backward reads them in two passes). channels_last is the kernels' fast
+layout; grad_weight's per-task partials are merged in a fixed order (results do not depend on the
+thread count).
+
+Two autograd functions use them in the fused training path (fastface.models.mobilenetv2):
+
+- `DwConvFunction`: a depthwise conv; ATen's (oneDNN) forward, the one-pass backward where
+  `dwconv_backward_pays` (measured faster), else ATen's.
+- `BNActDwConvFunction`: an inverted-residual block's expand BN (batch statistics) + ReLU6 +
+  depthwise conv, (e, gamma, beta, weight) -> (z, mean, invstd). The activation between them (the
+  block's largest tensor) is never written: bn_stats, then dwconv_forward with the BN as its
+  prologue; backward = dwconv_backward with the prologue and sums, then bn_act_backward_sums. e is
+  read twice forward (statistics, conv) and twice backward (conv gradients + sums, BN gradient).
+
+The references below define the semantics the kernels are tested against.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastface._ext import has_op
+from fastface.ops._common import like_input
+
+OP_FWD = "fastface::dwconv_forward"
+OP_BWD = "fastface::dwconv_backward"
+OP_STATS = "fastface::bn_stats"
+OP_BN_SUMS = "fastface::bn_act_backward_sums"
+
+
+def _c(v: torch.Tensor) -> torch.Tensor:
+    return v[None, :, None, None]
+
+
+def _activated(x: torch.Tensor, mean: torch.Tensor | None, scale: torch.Tensor | None,
+               beta: torch.Tensor | None) -> torch.Tensor:
+    return x if scale is None else F.relu6((x - _c(mean)) * _c(scale) + _c(beta))
+
+
+def dwconv_forward_reference(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
+                             mean: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                             beta: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain PyTorch: conv2d(a, weight, groups=C) with a = relu6((x - mean) * scale + beta), or x."""
+    return F.conv2d(_activated(x, mean, scale, beta), weight, None, stride, padding, 1, x.shape[1])
+
+
+def dwconv_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int,
+                              padding: int, mean: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                              beta: torch.Tensor | None = None,
+                              sums: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: ATen's convolution backward of conv2d(a, weight, groups=C) w.r.t. a and weight, and (sums)
+    sum(g), sum(g * (x - mean)) per channel in float64 for g = grad_a where 0 < (x - mean) * scale + beta < 6."""
+    a = _activated(x, mean, scale, beta)
+    ga, gw, _ = torch.ops.aten.convolution_backward(grad_out, a, weight, None, [stride] * 2, [padding] * 2, [1, 1],
+                                                    False, [0, 0], x.shape[1], [True, True, False])
+    bn = torch.empty((0, x.shape[1]), dtype=torch.float64)
+    if sums:
+        pre = (x - _c(mean)) * _c(scale) + _c(beta)
+        g = torch.where((pre > 0) & (pre < 6), ga, torch.zeros_like(ga)).double()
+        bn = torch.stack([g.sum((0, 2, 3)), (g * (x.double() - _c(mean.double()))).sum((0, 2, 3))])
+    return ga, gw, bn
+
+
+def bn_stats_reference(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: the batch mean and 1 / sqrt(biased variance + eps) over every dim but 1."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+    return mean, torch.rsqrt(var + eps)
+
+
+def bn_act_dwconv_reference(e: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, weight: torch.Tensor,
+                            stride: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: conv2d(relu6(batch_norm(e)), weight, groups=C), with the batch mean and invstd."""
+    mean, invstd = bn_stats_reference(e, eps)
+    a = F.relu6(F.batch_norm(e, None, None, gamma, beta, True, 0.0, eps))
+    return F.conv2d(a, weight, None, stride, 1, 1, e.shape[1]), mean, invstd
+
+
+def dwconv_kernel_problems(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> list[str]:
+    """Why the C++ kernels cannot take these arguments (an empty list: they can)."""
+    why = []
+    if not all(has_op(op) for op in ("dwconv_forward", "dwconv_backward", "bn_stats", "bn_act_backward_sums")):
+        why.append("the fastface C++ extension is not loaded")
+    if x.device.type != "cpu":
+        why.append(f"x is on {x.device}, the kernels are CPU-only")
+    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
+        why.append(f"dtypes {x.dtype}/{weight.dtype}: the kernels serve float32 and float64, alike")
+    if x.dim() != 4 or tuple(weight.shape) != (x.shape[1], 1, 3, 3):
+        why.append(f"needs a C x 1 x 3 x 3 depthwise weight for x of shape {tuple(x.shape)}, "
+                   f"got {tuple(weight.shape)}")
+    if stride not in (1, 2) or padding != 1:
+        why.append(f"serves stride 1 or 2 with padding 1, got stride {stride}, padding {padding}")
+    return why
+
+
+if all(has_op(op) for op in ("dwconv_forward", "dwconv_backward", "bn_stats", "bn_act_backward_sums")):
+
+    @torch.library.register_fake(OP_FWD)
+    def _dwconv_forward_fake(x, weight, stride, padding, mean=None, scale=None, beta=None):
+        oh, ow = (x.shape[2] + 2 * padding - 3) // stride + 1, (x.shape[3] + 2 * padding - 3) // stride + 1
+        return like_input(x.new_empty((x.shape[0], x.shape[1], oh, ow)), x)
+
+    @torch.library.register_fake(OP_BWD)
+    def _dwconv_backward_fake(grad_out, x, weight, stride, padding, mean=None, scale=None, beta=None, sums=False):
+        bn = x.new_empty((2 if sums else 0, x.shape[1]), dtype=torch.float64)
+        return like_input(x.new_empty(x.shape), x), weight.new_empty(weight.shape), bn
+
+    @torch.library.register_fake(OP_BN_SUMS)
+    def _bn_act_backward_sums_fake(grad_y, x, gamma, beta, mean, invstd, sums, relu6):
+        return like_input(x.new_empty(x.shape), x), gamma.new_empty(gamma.shape), beta.new_empty(beta.shape)
+
+    @torch.library.register_fake(OP_STATS)
+    def _bn_stats_fake(x, eps):
+        return x.new_empty((x.shape[1],)), x.new_empty((x.shape[1],))
+
+
+def dwconv_backward_pays(x: torch.Tensor, stride: int) -> bool:
+    """Whether the one-pass backward beat oneDNN's on this (channels_last, float32) input here: stride 1, or
+    stride 2 on maps of at least 28 x 28 (the face model's layers at 2 threads, bench/test_bench_dwconv_train.py:
+    1.3-2.1x on those; 0.85-1.2x on stride-2 14 x 14 and 7 x 7 maps, left to oneDNN)."""
+    return stride == 1 or min(x.shape[2], x.shape[3]) >= 28
+
+
+class DwConvFunction(torch.autograd.Function):
+    """Depthwise conv2d (no bias, no dilation): ATen's forward (oneDNN's beat the C++ forward on stride-2
+    maps); the backward from the one-pass C++ kernel where it serves the arguments and pays, else ATen's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding = stride, padding
+        return F.conv2d(x, weight, None, stride, padding, 1, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        s, p = ctx.stride, ctx.padding
+        if not dwconv_kernel_problems(x, weight, s, p) and dwconv_backward_pays(x, s):
+            gx, gw, _ = torch.ops.fastface.dwconv_backward(grad_out, x, weight, s, p)
+        else:
+            mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
+            gx, gw, _ = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [s, s], [p, p], [1, 1], False,
+                                                            [0, 0], x.shape[1], mask)
+        return (gx if ctx.needs_input_grad[0] else None), (gw if ctx.needs_input_grad[1] else None), None, None
+
+
+class BNActDwConvFunction(torch.autograd.Function):
+    """(e, gamma, beta, weight, stride, eps) -> (z, mean, invstd): z = dwconv3x3(relu6(batch_norm(e))), padding 1,
+    the activation never stored. Needs the C++ kernels (see dwconv_kernel_problems); mean and invstd (the batch
+    statistics of e) are not differentiable; the running statistics are the caller's to update."""
+
+    @staticmethod
+    def forward(ctx, e, gamma, beta, weight, stride, eps):
+        mean, invstd = torch.ops.fastface.bn_stats(e, eps)
+        scale = invstd * gamma
+        z = torch.ops.fastface.dwconv_forward(e, weight, stride, 1, mean, scale, beta)
+        ctx.save_for_backward(e, gamma, beta, weight, mean, invstd, scale)
+        ctx.stride = stride
+        ctx.mark_non_differentiable(mean, invstd)
+        return z, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_z, _grad_mean, _grad_invstd):
+        e, gamma, beta, weight, mean, invstd, scale = ctx.saved_tensors
+        ga, gw, sums = torch.ops.fastface.dwconv_backward(grad_z, e, weight, ctx.stride, 1, mean, scale, beta, True)
+        ge, gg, gb = torch.ops.fastface.bn_act_backward_sums(ga, e, gamma, beta, mean, invstd, sums, True)
+        return ge, gg, gb, gw, None, None
