@@ -38,10 +38,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 THREADS = int(os.environ.get("BENCH_THREADS", 2))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 15))
-# (input shape, stride, layers of the face model with it); the first two have no expand conv before them.
-LAYERS = [((64, 32, 56, 56), 1, 2), ((64, 96, 56, 56), 2, 1), ((64, 144, 28, 28), 1, 1), ((64, 144, 28, 28), 2, 1),
-          ((64, 192, 14, 14), 1, 2), ((64, 192, 14, 14), 2, 1), ((64, 384, 7, 7), 1, 4), ((64, 576, 7, 7), 1, 2),
-          ((64, 576, 7, 7), 2, 1), ((64, 960, 4, 4), 1, 3)]
+# (input shape, stride, layers of the face model with it, whether an expand conv precedes it: a block's
+# expand BN + ReLU6 folds into it)
+LAYERS = [((64, 32, 56, 56), 1, 2, False), ((64, 96, 56, 56), 2, 1, True), ((64, 144, 28, 28), 1, 1, True),
+          ((64, 144, 28, 28), 2, 1, True), ((64, 192, 14, 14), 1, 2, True), ((64, 192, 14, 14), 2, 1, True),
+          ((64, 384, 7, 7), 1, 4, True), ((64, 576, 7, 7), 1, 2, True), ((64, 576, 7, 7), 2, 1, True),
+          ((64, 960, 4, 4), 1, 3, True)]
 
 
 def _inputs(shape, stride):
@@ -105,7 +107,7 @@ def maps():
     if not HAS_EXT:
         pytest.skip("fastface._C not built")
     torch.set_num_threads(THREADS)
-    return {f"{'x'.join(map(str, shape))}/s{s}": (_inputs(shape, s), n) for shape, s, n in LAYERS}
+    return {f"{'x'.join(map(str, shape))}/s{s}": (_inputs(shape, s), n) for shape, s, n, _ in LAYERS}
 
 
 def _rounds(benchmark, maps, providers):
@@ -170,7 +172,7 @@ def test_dwconv_backward(benchmark, maps):
 
 @pytest.fixture(scope="module")
 def pair_maps(maps):
-    return {f"{'x'.join(map(str, shape))}/s{s}": (_pair_inputs(shape, s), n) for shape, s, n in LAYERS[2:]}
+    return {f"{'x'.join(map(str, shape))}/s{s}": (_pair_inputs(shape, s), n) for shape, s, n, ex in LAYERS if ex}
 
 
 def test_bn_act_dwconv(benchmark, pair_maps):
