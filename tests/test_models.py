@@ -276,7 +276,7 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
     x = torch.randn(4, 4, 32, 32, dtype=dtype, generator=torch.Generator().manual_seed(SEED + split))
     x = x.contiguous(memory_format=torch.channels_last)
     bn_spy, dw_spy = _Spy(monkeypatch, "bn_act"), _Spy(monkeypatch, "dwconv_bn_act")
-    act_dw_spy = _Spy(monkeypatch, "_bn_act_dwconv_train")
+    act_dw_spy, gdc_spy = _Spy(monkeypatch, "_bn_act_dwconv_train"), _Spy(monkeypatch, "_gdc_head_train")
     if dtype == torch.float64:
         _train_and_compare(ref, fused, x)
     else:
@@ -295,6 +295,7 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
     grouped_expand = sum(isinstance(layer, InvertedResidual) and layer.expand is not None for layer in grouped_layers)
     folded = n_expand - grouped_expand + grouped_expand // g
     assert folded > 0 and len(act_dw_spy.calls) == 2 * folded
+    assert len(gdc_spy.calls) == 2  # the GDC head's global depthwise conv as a weighted sum
     assert len(bn_spy.calls) == 2 * (n_conv - grouped + grouped // g - folded)
     assert all(int(b) == 2 for n, b in fused.named_buffers() if n.endswith("num_batches_tracked"))
 

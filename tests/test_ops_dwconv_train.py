@@ -206,11 +206,12 @@ def test_gradcheck_and_opcheck(shape):
 
 @needs_ext
 @pytest.mark.parametrize("shape", [(2, 17, 7, 7, 2, 3), (3, 37, 13, 13, 1, 3), (2, 5, 9, 9, 3, 3), (1, 4, 6, 6, 1, 5),
-                                   (2, 8, 14, 14, 2, 3)], ids=_ids)
+                                   (2, 8, 14, 14, 2, 3), (2, 19, 29, 30, 1, 3), (1, 16, 28, 31, 2, 3)], ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_function_matches_conv2d(shape, dtype):
-    """DwConvFunction equals conv2d forward and backward (N, C, H, W, stride, k): on the kernel's shapes and on
-    ATen's fallback (stride 3, a 5 x 5 kernel, a stride-2 map below 28 x 28)."""
+    """DwConvFunction equals conv2d forward and backward (N, C, H, W, stride, k): on the kernels' shapes (C++
+    forward from 28 x 28 at stride 1) and on ATen's fallback (stride 3, a 5 x 5 kernel, a stride-2 map below
+    28 x 28)."""
     n, c, h, wd, s, k = shape
     g = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(n, c, h, wd, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)

@@ -21,8 +21,8 @@ thread count).
 
 Two autograd functions use them in the fused training path (fastface.models.mobilenetv2):
 
-- `DwConvFunction`: a depthwise conv; ATen's (oneDNN) forward, the one-pass backward where
-  `dwconv_backward_pays` (measured faster), else ATen's.
+- `DwConvFunction`: a depthwise conv; the C++ forward and the one-pass backward where
+  `dwconv_forward_pays` / `dwconv_backward_pays` (measured faster), else ATen's (oneDNN).
 - `BNActDwConvFunction`: an inverted-residual block's expand BN (batch statistics) + ReLU6 +
   depthwise conv, (e, gamma, beta, weight) -> (z, mean, invstd). The activation between them (the
   block's largest tensor) is never written: bn_stats, then dwconv_forward with the BN as its
@@ -138,14 +138,23 @@ def dwconv_backward_pays(x: torch.Tensor, stride: int) -> bool:
     return stride == 1 or min(x.shape[2], x.shape[3]) >= 28
 
 
+def dwconv_forward_pays(x: torch.Tensor, stride: int) -> bool:
+    """Whether the C++ forward (no prologue) beat oneDNN's here: stride 1 on maps of at least 28 x 28 (1.1-1.6x on
+    the face model's 56 x 56 x 32 and 28 x 28 x 144 layers; 0.6-0.7x on its stride-2 ones, ~1x on smaller maps;
+    ad-hoc runs of the forward alone, 2 threads)."""
+    return stride == 1 and min(x.shape[2], x.shape[3]) >= 28
+
+
 class DwConvFunction(torch.autograd.Function):
-    """Depthwise conv2d (no bias, no dilation): ATen's forward (oneDNN's beat the C++ forward on stride-2
-    maps); the backward from the one-pass C++ kernel where it serves the arguments and pays, else ATen's."""
+    """Depthwise conv2d (no bias, no dilation): the C++ kernels where they serve the arguments and pay
+    (dwconv_forward_pays, dwconv_backward_pays), else ATen's (oneDNN) forward and backward."""
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding):
         ctx.save_for_backward(x, weight)
         ctx.stride, ctx.padding = stride, padding
+        if not dwconv_kernel_problems(x, weight, stride, padding) and dwconv_forward_pays(x, stride):
+            return torch.ops.fastface.dwconv_forward(x, weight, stride, padding)
         return F.conv2d(x, weight, None, stride, padding, 1, x.shape[1])
 
     @staticmethod
