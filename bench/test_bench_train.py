@@ -1,7 +1,8 @@
 """Training samples/s: the fastface trainer's step vs a plain PyTorch loop, side by side in one run.
 
 Same network (the trainer's ArchSpec: 4-channel 112x112 split MobileNetV2, 512-d), same batch,
-same classes, data already in memory (the loader is measured in test_bench_data.py). Providers:
+same classes, data already in memory as a loader delivers it (NCHW; the loader itself is measured
+in test_bench_data.py): the channels_last providers, plain or trainer, convert it every step. Providers:
 
 - plain_eager            the loop a user writes: model -> normalised FC + ArcFace -> cross-entropy,
                          SGD (momentum, weight decay), grad clip 5; NCHW, fp32; the model's
@@ -115,15 +116,17 @@ def _plain_step(spec, channels_last: bool, compile_: bool) -> Callable[[], None]
     model = build_model(spec).train()
     fc = torch.nn.Parameter(torch.randn(CLASSES, spec.head.dim) * 0.01)
     margin = arcface()
-    x, y = _data()
+    batch, y = _data()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
     params = list(model.parameters()) + [fc]
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
     net = torch.compile(model) if compile_ else model
 
     def step() -> None:
+        # The batch arrives as a loader gives it (NCHW); a channels_last loop converts it every step, as the
+        # trainer does.
+        x = batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
         with fused_train(False):
             emb = net(x)
         cos = F.linear(F.normalize(emb), F.normalize(fc)).clamp(-1, 1)

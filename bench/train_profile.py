@@ -4,17 +4,22 @@ The providers and their set-up are bench/test_bench_train.py's (same model, batc
 memory); each runs in its own process, as there. torch.profiler records STEPS steps after a warm-up,
 and every op's *self* CPU time is put in one class:
 
-- conv_forward / conv_backward   ATen's (oneDNN) convolutions, the same calls in both providers
+- conv_forward / conv_backward   ATen's (oneDNN) convolutions: all of the plain loop's; the trainer's
+                                  stems, 1x1 convs and the depthwise ones its kernels leave to oneDNN
+- dwconv                          fastface's depthwise kernels (fastface.ops.dwconv_train: forward,
+                                  one-pass backward, with an expand BN + ReLU6 folded in where one
+                                  precedes them), with their autograd nodes
 - bn_act                          BatchNorm + residual add + ReLU6: ATen's batch norm, hardtanh and
                                   the adds of the plain loop, fastface.ops.bn_act in the trainer
-                                  (forward and backward, with their autograd nodes)
+                                  (forward and backward, with their autograd nodes; bn_stats and
+                                  bn_act_backward_sums, the passes left of a BN folded into a conv)
 - optimizer                       SGD (fused or foreach), gradient clipping, zeroing
 - other                           everything else (FC + margin loss, autograd glue, allocation);
                                   its largest ops are listed
 
-The point of the table is the ceiling it implies: both providers call the same convolutions, so a
-trainer that kept oneDNN's convolutions and made everything else free could be at most
-plain step / trainer conv time faster than the plain loop (printed as `ceiling`). The plain loop's
+The point of the table is the ceiling it implies: a trainer that kept its oneDNN convolutions and
+made everything else free could be at most plain step / trainer oneDNN conv time faster than the
+plain loop (printed as `ceiling`). The plain loop's
 own convolutions take longer than the trainer's: they page-fault their outputs in (the trainer
 runs inside fastface.ops.cpu_cache); plain_channels_last_cache shows the loop without that.
 
@@ -52,7 +57,11 @@ CLASSES = {
                "aten::hardtanh", "aten::hardtanh_", "aten::hardtanh_backward", "HardtanhBackward0",
                "autograd::engine::evaluate_function: HardtanhBackward0", "aten::relu6",
                "fastface::bn_act", "fastface::bn_act_backward", "BNActFunction", "BNActFunctionBackward",
+               "fastface::bn_stats", "fastface::bn_act_backward_sums",
                "autograd::engine::evaluate_function: BNActFunctionBackward"),
+    "dwconv": ("fastface::dwconv_forward", "fastface::dwconv_backward", "DwConvFunction", "DwConvFunctionBackward",
+               "autograd::engine::evaluate_function: DwConvFunctionBackward", "BNActDwConvFunction",
+               "BNActDwConvFunctionBackward", "autograd::engine::evaluate_function: BNActDwConvFunctionBackward"),
     "optimizer": ("aten::_fused_sgd_", "aten::_foreach_add_", "aten::_foreach_mul_", "aten::_foreach_norm",
                   "aten::_foreach_mul", "aten::_foreach_add", "aten::_foreach_lerp_", "aten::linalg_vector_norm",
                   "aten::_foreach_addcmul_", "aten::_foreach_zero_", "Optimizer.step#SGD.step",
@@ -149,9 +158,9 @@ def main() -> None:
               "machine": platform.platform(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "providers": rows,
               "ceiling": {"baseline": base, "trainer": fast, "value": ceiling,
-                          "meaning": f"{base} step (unprofiled) / {fast} conv time (profiled): the most a "
+                          "meaning": f"{base} step (unprofiled) / {fast} oneDNN conv time (profiled): the most a "
                                      "trainer that keeps these convolutions could gain"}}
-    classes = ["conv_forward", "conv_backward", "bn_act", "optimizer", "other"]
+    classes = ["conv_forward", "conv_backward", "dwconv", "bn_act", "optimizer", "other"]
     lines = [f"| provider | step (ms) | profiled step (ms) | {' | '.join(classes)} |",
              "|---|---:|---:|" + "---:|" * len(classes)]
     for name, r in rows.items():
@@ -161,7 +170,7 @@ def main() -> None:
         lines.append(f"| {name} | {r['step_ms']:.1f} | {r['profiled_step_ms']:.1f} | {' | '.join(cells)} |")
     lines.append("")
     lines.append(f"ceiling: {base} step / {fast} convolution time = **{ceiling:.2f}x** "
-                 f"(the most {fast} could gain over {base} while the convolutions are oneDNN's)")
+                 f"(the most {fast} could gain over {base} while its oneDNN convolutions stay oneDNN's)")
     for name, r in rows.items():
         slow = r["profiled_step_ms"] / r["step_ms"]
         if slow > 1.5:  # seen for the plain loop without the cache: its page faults grow under the profiler
