@@ -27,14 +27,19 @@ Fused paths (fastface.ops; each computes the same function as the plain modules,
   activation run as one `bn_act` call after ATen's conv, with the inverted-residual add (project
   BN + x) and the split stems' "add" merge (bn_1(z_1) + bn_2(z_2), then ReLU6: a chain of bn_act
   calls, no stacked copy) folded into the same calls; running statistics updated as
-  nn.BatchNorm2d does. Channels_last tensors only (NCHW: the plain modules).
+  nn.BatchNorm2d does. A block's expand BN + ReLU6 is folded into its 3x3 depthwise conv instead
+  (`BNActDwConvFunction`: the expanded activation is never stored), other depthwise convs run
+  `DwConvFunction` (fastface's C++ kernels where they were measured faster), and a GDC head's
+  global depthwise conv is one weighted sum per channel. Channels_last tensors only (NCHW: the
+  plain modules).
 - training elsewhere (GPU, torch.compile, or `cpu_bn_act(False)`): a depthwise ConvBNAct whose BN
   is in training mode runs `dwconv_bn_act` (conv + batch-statistics BN + ReLU6 in one op whose
   backward recomputes the conv); the other layers are the plain modules (inductor fuses them).
 - split networks: the per-modality copies of layers 1 .. split-1 (same shapes by construction)
   run as one grouped call per layer (branch = group): `ir_block(groups=G)` in eval, grouped
   1x1 convs + one `dwconv_bn_act` over the concatenated channels in training (eager CPU: grouped
-  convs, each followed by one `bn_act` over the concatenated channels). In eval the
+  convs, each followed by one `bn_act` over the concatenated channels, the expand BN folded into
+  the depthwise conv as above). In eval the
   branch stems are one conv too (block-diagonal weight; for split = 1 with the "add" merge,
   the summed stems are exactly one stem conv).
 """
