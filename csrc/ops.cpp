@@ -57,7 +57,7 @@ TORCH_LIBRARY(fastface, m) {
       "bn_act_backward(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor invstd, "
       "Tensor? residual, bool relu6) -> (Tensor, Tensor, Tensor, Tensor)");
   // The batch statistics of bn_act alone (mean, 1/sqrt(biased var + eps) per channel over every dim
-  // but 1), for consumers that normalise on the fly (dwconv_forward's scale/shift). CPU kernel.
+  // but 1), for consumers that normalise on the fly (dwconv_forward's prologue). CPU kernel.
   m.def("bn_stats(Tensor x, float eps) -> (Tensor, Tensor)");
   // Depthwise 3 x 3 conv (weight C x 1 x 3 x 3, padding 1, stride 1 or 2, no bias), optionally of
   // a = relu6((x - mean) * scale + beta) (per channel: a training BN + ReLU6 applied on the fly, as

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastface._ext import HAS_EXT
+from fastface.ops.bn_act import bn_stats_reference
 from fastface.ops.dwconv_train import (
-    BNActDwConvFunction, DwConvFunction, bn_act_dwconv_reference, bn_stats_reference, dwconv_backward_pays,
+    BNActDwConvFunction, DwConvFunction, bn_act_dwconv_reference, dwconv_backward_pays,
     dwconv_backward_reference, dwconv_forward_reference, dwconv_kernel_problems,
 )
 
@@ -284,23 +285,33 @@ def test_problems_name_what_the_kernel_cannot_take():
     assert dwconv_backward_pays(torch.empty(1, 1, 7, 7), 1) and not dwconv_backward_pays(torch.empty(1, 1, 14, 14), 2)
 
 
-@needs_ext
-def test_model_depthwise_layers_train_through_the_function(monkeypatch):
-    """A training ConvBNAct (depthwise, channels_last) runs DwConvFunction in the fused path; forward and
-    gradients match the plain module."""
-    from fastface.models.mobilenetv2 import ConvBNAct, fused_train
+def _fused_and_plain(monkeypatch, function, module, x):
+    """Train-mode `module` (channels_last) and a copy run on x through the fused path and the plain modules;
+    (the input shapes `function` was applied to, plain, fused, fused output, plain output)."""
+    from fastface.models.mobilenetv2 import fused_train
 
     calls = []
-    real = DwConvFunction.apply
-    monkeypatch.setattr(DwConvFunction, "apply", lambda *a: (calls.append(a[0].shape), real(*a))[1])
-    torch.manual_seed(0)
-    plain = ConvBNAct(24, 24, 3, 2, groups=24).to(memory_format=torch.channels_last).train()
+    real = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    plain = module.to(memory_format=torch.channels_last).train()
     fused = copy.deepcopy(plain)
-    x = torch.randn(4, 24, 30, 30).contiguous(memory_format=torch.channels_last).requires_grad_()
     with fused_train(True):
         y = fused(x)
     with fused_train(False):
         y_ref = plain(x)
+    return calls, plain, fused, y, y_ref
+
+
+@needs_ext
+def test_model_depthwise_layers_train_through_the_function(monkeypatch):
+    """A training ConvBNAct (depthwise, channels_last) runs DwConvFunction in the fused path; forward and
+    gradients match the plain module."""
+    from fastface.models.mobilenetv2 import ConvBNAct
+
+    torch.manual_seed(0)
+    plain = ConvBNAct(24, 24, 3, 2, groups=24)
+    x = torch.randn(4, 24, 30, 30).contiguous(memory_format=torch.channels_last).requires_grad_()
+    calls, plain, fused, y, y_ref = _fused_and_plain(monkeypatch, DwConvFunction, plain, x)
     assert calls == [x.shape]
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
     gy = torch.randn_like(y_ref)
@@ -316,21 +327,14 @@ def test_model_blocks_fold_the_expand_activation_into_the_depthwise_conv(monkeyp
     """A training InvertedResidual (expand, channels_last, fused path) runs BNActDwConvFunction; its output,
     gradients and running statistics match the plain modules."""
     from fastface.arch import LayerInfo
-    from fastface.models.mobilenetv2 import InvertedResidual, fused_train
+    from fastface.models.mobilenetv2 import InvertedResidual
 
-    calls = []
-    real = BNActDwConvFunction.apply
-    monkeypatch.setattr(BNActDwConvFunction, "apply", lambda *a: (calls.append(a[0].shape), real(*a))[1])
     torch.manual_seed(0)
     info = LayerInfo(index=1, kind="block", cin=16, cout=16 if stride == 1 else 24, stride=stride, k=3, hidden=96,
                      expand=True, residual=stride == 1, size_in=14, size_out=14 // stride)
-    plain = InvertedResidual(info).to(memory_format=torch.channels_last).train()
-    fused = copy.deepcopy(plain)
+    plain = InvertedResidual(info)
     x = torch.randn(4, 16, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
-    with fused_train(True):
-        y = fused(x)
-    with fused_train(False):
-        y_ref = plain(x)
+    calls, plain, fused, y, y_ref = _fused_and_plain(monkeypatch, BNActDwConvFunction, plain, x)
     assert calls == [(4, 96, 14, 14)]
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
     gy = torch.randn_like(y_ref)

@@ -13,7 +13,7 @@
 //      thread count);
 //   2. y = act(fma(x - mean, invstd * gamma, beta) [+ residual]).
 // Outputs of >= 16 MiB (y, grad_x, the residual's gradient) are written with non-temporal stores
-// when their rows are whole vectors (kStreamBytes, simd::stream_ok).
+// when their rows are whole vectors (simd::kStreamBytes, simd::stream_ok).
 // Backward, two passes (x is saved, not y: the ReLU6 mask is recomputed from x exactly as the
 // forward computed its pre-activation, so it is the forward's mask bit for bit):
 //   1. sum(g) and sum(g * xhat) per channel, g = grad_y behind the mask (float per chunk, float64
@@ -35,6 +35,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "aten_tasks.h"
 #include "moments.h"
 #include "simd.h"
 
@@ -96,49 +97,22 @@ Split split_rows(int64_t M, int64_t C) {
   return {(M + rows - 1) / rows, rows};
 }
 
-// body(t) for every task on ATen's OpenMP threads (as dwconv_bn_act.cpp, and for the same reason:
-// this op runs between OpenMP-parallel ATen ops in training, where the task pool's spinning
-// helpers took cores from them); small problems run inline.
-template <class F>
-void for_tasks(int64_t elems, int64_t ntasks, F&& body) {
-  if (elems < (int64_t(1) << 15) || ntasks == 1) {
-    for (int64_t t = 0; t < ntasks; ++t) body(t);
-  } else {
-    at::parallel_for(0, ntasks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) body(t);
-    });
-  }
-}
-
-// Channel constants padded to whole vectors (lanes past C are 0), so loads need no masks.
-template <typename T>
-struct Padded {
-  std::vector<T> buf;
-  int64_t Cp;
-  explicit Padded(int64_t C, int n) : buf(size_t(simd::padded<T>(C) * n), T(0)), Cp(simd::padded<T>(C)) {}
-  T* operator[](int i) { return buf.data() + i * Cp; }
-};
-
 // ---- row kernels ---------------------------------------------------------------------------
 // Each works on rows [r0, r1) of an M x C matrix through local restrict pointers (a lambda's
 // captured references would be reloaded after every store: measured ~3x slower), full
 // vectors unmasked, the channel tail (C % L) masked. Padded per-channel constants read past C
 // as 0.
 
-// Outputs of at least this size are written with non-temporal stores (see simd::stream_ok): a
-// 16 MiB output next to its 16 MiB input no longer fits the 32 MiB last-level cache, and the
-// next layer would read it from memory either way.
-constexpr int64_t kStreamBytes = int64_t(16) << 20;
 // How far ahead (bytes) the software prefetch of large maps reads (prefetch_rows).
 constexpr int64_t kPrefetchBytes = 8 << 10;
 
-// Software prefetch, pf rows ahead (0: none), for maps of >= kStreamBytes: the hardware
+// Software prefetch, pf rows ahead (0: none), for maps of >= simd::kStreamBytes: the hardware
 // prefetchers alone kept the backward's two input streams at ~30 GB/s on this box; with it
 // 1.25-1.7x faster backwards and 1.1-1.3x faster forwards over 26-77 MB maps. Maps that fit in
 // the last-level cache lost up to 15 % to the extra instructions, so they go without.
 template <typename T>
 inline int64_t prefetch_rows(int64_t M, int64_t C) {
-  if (M * C * int64_t(sizeof(T)) < kStreamBytes) return 0;
+  if (M * C * int64_t(sizeof(T)) < simd::kStreamBytes) return 0;
   return std::max<int64_t>(1, kPrefetchBytes / (C * int64_t(sizeof(T))));
 }
 
@@ -379,7 +353,7 @@ void forward_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gam
 
   std::vector<double> mu, m2;
   const double cnt = merge_task_moments(sp.ntasks, C, tmean, tm2, tcount, mu, m2);
-  Padded<T> k(C, 3);
+  simd::Padded<T> k(C, 3);
   T* meanP = k[0];
   T* scaleP = k[1];
   T* betaP = k[2];
@@ -394,7 +368,7 @@ void forward_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gam
     betaP[c] = beta[c];
   }
 
-  const bool nt = simd::stream_ok(y, M, C, kStreamBytes);
+  const bool nt = simd::stream_ok(y, M, C, simd::kStreamBytes);
   dispatch_flags(res != nullptr, relu6, [&](auto RES, auto RELU6) {
     dispatch_bool(nt, [&](auto NT) {
       for_tasks(M * C, sp.ntasks, [=](int64_t t) {
@@ -454,7 +428,7 @@ void backward_kernel(int64_t M, int64_t C, const T* gy, const T* x, const T* res
   const int64_t Cp = simd::padded<T>(C);
   const int64_t cr = chunk_rows<T>(C);
   const Split sp = split_rows<T>(M, C);
-  Padded<T> kp(C, 6);
+  simd::Padded<T> kp(C, 6);
   for (int64_t c = 0; c < C; ++c) {
     kp[0][c] = mean[c];
     kp[1][c] = invstd[c] * gamma[c];
@@ -508,7 +482,7 @@ void backward_kernel(int64_t M, int64_t C, const T* gy, const T* x, const T* res
     mgzP[c] = T(sb / count * double(invstd[c]));
   }
 
-  const bool nt = simd::stream_ok(gx, M, C, kStreamBytes) && (gres == nullptr || simd::stream_ok(gres, M, C, 0));
+  const bool nt = simd::stream_ok(gx, M, C, simd::kStreamBytes) && (gres == nullptr || simd::stream_ok(gres, M, C, 0));
   dispatch_flags(res != nullptr, relu6, [&](auto RES, auto RELU6) {
     dispatch_bool(nt, [&](auto NT) {
       for_tasks(M * C, sp.ntasks, [=](int64_t t) {

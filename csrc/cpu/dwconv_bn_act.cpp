@@ -22,6 +22,7 @@
 #include <functional>
 #include <vector>
 
+#include "aten_tasks.h"
 #include "fused_tiles.h"
 #include "moments.h"
 
@@ -67,23 +68,11 @@ Geo check_args(const char* op, const at::Tensor& x, const at::Tensor& w, const a
   return g;
 }
 
-// body(t) for every task on ATen's OpenMP threads; tiny problems (under ~1M multiply-adds) run
-// inline, where handing out tasks would cost more than the work. Not the task pool of
-// task_pool.h (the eval kernels' choice): this op only runs in training, between OpenMP-parallel
-// ATen ops (1x1 convs, BN, ReLU6), and the pool's helper threads, spinning after a kernel next
-// to OpenMP's, took cores from those ops: on the quiet 2-core box a MobileNetV2 training step
-// (batch 64) took 0.525 s with the pool and 0.484 s with OpenMP. Tasks write disjoint outputs
-// and per-task partials merged in task order, so results do not depend on the threads.
+// body(t) for every task (aten_tasks.h); tiny problems (under ~1M multiply-adds) run inline.
 template <class F>
 void for_tasks(const Geo& g, int64_t ntasks, F&& body) {
   const std::function<void(int64_t)> fn = body;
-  if (g.N * g.OH * g.OW * g.C * g.K * g.K < (int64_t(1) << 20) || ntasks == 1) {
-    for (int64_t t = 0; t < ntasks; ++t) fn(t);
-  } else {
-    at::parallel_for(0, ntasks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) fn(t);
-    });
-  }
+  ::fastface::for_tasks(g.N * g.OH * g.OW * g.C * g.K * g.K, ntasks, fn, int64_t(1) << 20);
 }
 
 // Output rows per band: the padded input band plus row buffers stay within ~256 KiB, and

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "aten_tasks.h"
 #include "simd.h"
 
 #if defined(__GNUC__)
@@ -43,7 +44,6 @@ using simd::Vec;
 
 constexpr int K = 3;  // the kernel size served (MobileNetV2's); others take ATen's path
 constexpr int NT = K * K;
-constexpr int64_t kStreamBytes = int64_t(16) << 20;  // outputs this large take non-temporal stores
 
 inline bool channels_last(const at::Tensor& x) {
   return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -70,37 +70,34 @@ struct Regs {  // a plain array (std::array of vector types drops their alignmen
   FF_ALWAYS_INLINE typename Vec<T>::reg& operator[](int i) { return v[i]; }
 };
 
-// Per-channel constants tap-major (or one row) with rows padded to whole vectors (zeros past C).
+// Per-channel constants, a padded row each (zeros past C): the nine taps, then the prologue's mean,
+// scale and beta (zeros without a prologue).
 template <typename T>
 struct Consts {
-  std::vector<T> w, mu, sc, be;
+  static constexpr int kMu = NT, kSc = NT + 1, kBe = NT + 2;
+  simd::Padded<T> rows;
   int64_t Cp;
   Consts(const at::Tensor& weight, const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& scale,
          const c10::optional<at::Tensor>& beta, int64_t C)
-      : w(size_t(NT * simd::padded<T>(C)), T(0)),
-        mu(size_t(simd::padded<T>(C)), T(0)),
-        sc(size_t(simd::padded<T>(C)), T(0)),
-        be(size_t(simd::padded<T>(C)), T(0)),
-        Cp(simd::padded<T>(C)) {
+      : rows(C, NT + 3), Cp(rows.Cp) {
     at::Tensor wc = weight.reshape({C, NT}).contiguous();
     const T* wp = wc.data_ptr<T>();
     for (int64_t c = 0; c < C; ++c)
-      for (int k = 0; k < NT; ++k) w[size_t(k * Cp + c)] = wp[c * NT + k];
-    const std::pair<const c10::optional<at::Tensor>*, std::vector<T>*> rows[] = {{&mean, &mu}, {&scale, &sc},
-                                                                                 {&beta, &be}};
-    for (const auto& r : rows) {
-      if (!r.first->has_value()) continue;
-      at::Tensor t = (*r.first)->contiguous();
-      std::copy(t.data_ptr<T>(), t.data_ptr<T>() + C, r.second->begin());
+      for (int k = 0; k < NT; ++k) rows[k][c] = wp[c * NT + k];
+    const c10::optional<at::Tensor>* prologue[] = {&mean, &scale, &beta};
+    for (int i = 0; i < 3; ++i) {
+      if (!prologue[i]->has_value()) continue;
+      at::Tensor t = (*prologue[i])->contiguous();
+      std::copy(t.data_ptr<T>(), t.data_ptr<T>() + C, rows[kMu + i]);
     }
   }
   VecConsts<T> at(int64_t o, int64_t C) const {
     using V = Vec<T>;
     VecConsts<T> k;
-    for (int i = 0; i < NT; ++i) k.w[i] = V::load(w.data() + i * Cp + o);
-    k.mu = V::load(mu.data() + o);
-    k.sc = V::load(sc.data() + o);
-    k.be = V::load(be.data() + o);
+    for (int i = 0; i < NT; ++i) k.w[i] = V::load(rows[i] + o);
+    k.mu = V::load(rows[kMu] + o);
+    k.sc = V::load(rows[kSc] + o);
+    k.be = V::load(rows[kBe] + o);
     k.m = V::tail(C - o);
     return k;
   }
@@ -133,23 +130,6 @@ FF_ALWAYS_INLINE void store(T* p, typename Vec<T>::reg v, typename Vec<T>::mask 
     Vec<T>::store(p, v);
 }
 
-template <typename T, bool PRO>
-FF_ALWAYS_INLINE typename Vec<T>::reg activate(typename Vec<T>::reg v, const VecConsts<T>& k) {
-  return PRO ? simd::relu6<T>(Vec<T>::fmadd(Vec<T>::sub(v, k.mu), k.sc, k.be)) : v;
-}
-
-// body(t) for t in [0, ntasks) on ATen's threads (serially when the work is tiny).
-template <class F>
-void for_tasks(int64_t elems, int64_t ntasks, F&& body) {
-  if (elems < (int64_t(1) << 15) || ntasks == 1) {
-    for (int64_t t = 0; t < ntasks; ++t) body(t);
-  } else {
-    at::parallel_for(0, ntasks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) body(t);
-    });
-  }
-}
-
 // Rows per task for `rows` rows of row_bytes each: up to 64 tasks of at least ~256 KiB, fixed by the
 // shape alone (the backward's every task adds a 9 x C float64 partial to a serial-order merge).
 int64_t task_rows(int64_t rows, int64_t row_bytes) {
@@ -175,9 +155,9 @@ void fill_row(T* slot, const T* xr, int64_t W, int64_t C, const Consts<T>& cst) 
     V::store(slot + v * pitch + (W + 1) * L, V::zero());
   }
   // Pixels outer, vectors inner: x is read in memory order (a vector every C channels ran slower).
-  const T* mu = cst.mu.data();
-  const T* sc = cst.sc.data();
-  const T* be = cst.be.data();
+  const T* mu = cst.rows[Consts<T>::kMu];
+  const T* sc = cst.rows[Consts<T>::kSc];
+  const T* be = cst.rows[Consts<T>::kBe];
   const auto tail = V::tail(C - full * L);
   for (int64_t ix = 0; ix < W; ++ix) {
     const T* src = xr + ix * C;
@@ -212,7 +192,7 @@ void forward_kernel(const Geo& G, const T* x, T* z, const Consts<T>& cst) {
   const int64_t C = G.C, W = G.W, rows = G.N * G.OH, row_bytes = G.OW * C * int64_t(sizeof(T));
   const int64_t per = task_rows(rows, row_bytes), ntasks = (rows + per - 1) / per;
   const int64_t nv = cst.Cp / L, full = C / L, vpitch = (W + 2) * L, spitch = nv * vpitch;
-  const bool nt = simd::stream_ok(z, rows * G.OW, C, kStreamBytes);
+  const bool nt = simd::stream_ok(z, rows * G.OW, C, simd::kStreamBytes);
   for_tasks(rows * G.OW * C, ntasks, [&](int64_t t) {
     T* ring = simd::scratch<T, 8>(size_t(4 * spitch));
     T* zero_slot = ring + 3 * spitch;
@@ -420,7 +400,7 @@ void backward_kernel(const Geo& G, const T* gy, const T* x, T* gx, const Consts<
   const int64_t C = G.C, Cp = cst.Cp, rows = G.N * G.H, row_bytes = G.W * C * int64_t(sizeof(T));
   const int64_t per = task_rows(rows, row_bytes), ntasks = (rows + per - 1) / per, band = band_rows(row_bytes);
   const int64_t full = C / L * L;
-  const bool nt = simd::stream_ok(gx, rows * G.W, C, kStreamBytes);
+  const bool nt = simd::stream_ok(gx, rows * G.W, C, simd::kStreamBytes);
   std::vector<int> cmask(static_cast<size_t>(G.W));
   for (int64_t ix = 0; ix < G.W; ++ix) cmask[size_t(ix)] = tap_mask<S>(ix, G.OW);
   std::vector<double> part(static_cast<size_t>(ntasks * NACC * C), 0.0);

@@ -185,6 +185,11 @@ inline void stream_fence() {
 #endif
 }
 
+// Outputs of at least this size are written with non-temporal stores (see stream_ok): a 16 MiB
+// output next to its 16 MiB input no longer fits the 32 MiB last-level cache, and the next layer
+// would read it from memory either way.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
 // Whether an M x C output written row by row may take non-temporal stores: whole vectors only
 // (every row starts on a vector boundary, so no masked tail), an aligned base, and large enough
 // that it would not have stayed in the last-level cache anyway (then the stores skip the read
@@ -205,6 +210,17 @@ template <typename T>
 inline int64_t padded(int64_t c) {
   return (c + Vec<T>::L - 1) / Vec<T>::L * Vec<T>::L;
 }
+
+// n rows of per-channel constants, each padded to whole vectors (lanes past C are 0), so loads need
+// no masks.
+template <typename T>
+struct Padded {
+  std::vector<T> buf;
+  int64_t Cp;
+  explicit Padded(int64_t C, int n) : buf(size_t(padded<T>(C) * n), T(0)), Cp(padded<T>(C)) {}
+  T* operator[](int i) { return buf.data() + i * Cp; }
+  const T* operator[](int i) const { return buf.data() + i * Cp; }
+};
 
 // Per-thread scratch that only grows: the kernels run once per layer per call, and a fresh
 // malloc of a few hundred KB each time would mmap/munmap and page-fault on every call.

@@ -191,6 +191,13 @@ def _eager_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+def _affine(bns: Sequence[nn.BatchNorm2d]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gamma, beta) of BNs over consecutive channel slices, concatenated (one BN's own, uncopied)."""
+    if len(bns) == 1:
+        return bns[0].weight, bns[0].bias
+    return torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])
+
+
 def _bn_act_train(bns: Sequence[nn.BatchNorm2d], z: torch.Tensor, residual: torch.Tensor | None,
                   relu6: bool) -> torch.Tensor:
     """act(BN(z) + residual) in training for BNs over consecutive channel slices of z (same eps and momentum),
@@ -208,10 +215,7 @@ def _bn_act_train(bns: Sequence[nn.BatchNorm2d], z: torch.Tensor, residual: torc
         return F.relu6(y) if relu6 else y
     bn0 = bns[0]
     count = _check_batch(z.shape)
-    if len(bns) == 1:
-        w, b = bn0.weight, bn0.bias
-    else:
-        w, b = torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])
+    w, b = _affine(bns)
     y, mean, invstd = bn_act(z, w, b, residual, bn0.eps, relu6)
     if bn0.training:
         _update_running_stats(bns, mean, invstd, count)
@@ -318,10 +322,7 @@ def _bn_act_dwconv_train(bns: Sequence[nn.BatchNorm2d], e: torch.Tensor, weight:
     BNActDwConvFunction (the activation never stored); the running statistics updated as nn.BatchNorm2d does."""
     bn0 = bns[0]
     count = _check_batch(e.shape)
-    if len(bns) == 1:
-        g, b = bn0.weight, bn0.bias
-    else:
-        g, b = torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])
+    g, b = _affine(bns)
     z, mean, invstd = BNActDwConvFunction.apply(e, g, b, weight, stride, bn0.eps)
     if bn0.training:
         _update_running_stats(bns, mean, invstd, count)

@@ -46,12 +46,16 @@ def _c(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(1, -1, *([1] * (x.dim() - 2)))
 
 
+def bn_stats_reference(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: the batch mean and 1 / sqrt(biased variance + eps) over every dim but 1 (bn_stats)."""
+    var, mean = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
+    return mean, torch.rsqrt(var + eps)
+
+
 def bn_act_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor | None,
                      eps: float, relu6: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain PyTorch: F.batch_norm in training (batch statistics), + residual, ReLU6."""
-    dims = _reduce_dims(x)
-    var, mean = torch.var_mean(x, dim=dims, correction=0)
-    invstd = torch.rsqrt(var + eps)
+    mean, invstd = bn_stats_reference(x, eps)
     y = F.batch_norm(x, None, None, gamma, beta, True, 0.0, eps)
     if residual is not None:
         y = y + residual

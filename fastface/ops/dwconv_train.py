@@ -3,7 +3,7 @@
     dwconv_forward(x, weight, stride, padding, mean=None, scale=None, beta=None) -> z
     dwconv_backward(grad_out, x, weight, stride, padding, mean=None, scale=None, beta=None, sums=False)
         -> (grad_a, grad_weight, bn_sums)
-    bn_stats(x, eps) -> (mean, invstd)                     (fastface.ops.bn_act's statistics pass alone)
+    bn_stats(x, eps) -> (mean, invstd)        (bn_act's statistics pass alone; its reference: bn_act.bn_stats_reference)
     bn_act_backward_sums(grad_y, x, gamma, beta, mean, invstd, sums, relu6) -> (grad_x, grad_gamma, grad_beta)
 
 x: N x C x H x W; weight: C x 1 x 3 x 3; padding 1, stride 1 or 2, no bias, no dilation. With
@@ -13,11 +13,10 @@ recomputes a for grad_weight, and its first output is the gradient w.r.t. a. Wit
 With sums=True the backward also reduces, in the same pass, the BN backward's per-channel sums
 (float64 2 x C: sum(g), sum(g * (x - mean)) for g = grad_a behind the ReLU6 mask), and
 bn_act_backward_sums finishes that BN backward in one pass instead of bn_act_backward's two.
-The backward pairs every
-grad_out vector it loads for grad_a with the input pixel it meets for grad_weight, so grad_out and
-x are read once (oneDNN's backward reads them in two passes). channels_last is the kernels' fast
-layout; grad_weight's per-task partials are merged in a fixed order (results do not depend on the
-thread count).
+The backward pairs every grad_out vector it loads for grad_a with the input pixel it meets for
+grad_weight, so grad_out and x are read once (oneDNN's backward reads them in two passes).
+channels_last is the kernels' fast layout; grad_weight's per-task partials are merged in a fixed
+order (results do not depend on the thread count).
 
 Two autograd functions use them in the fused training path (fastface.models.mobilenetv2):
 
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 
 from fastface._ext import has_op
 from fastface.ops._common import like_input
+from fastface.ops.bn_act import bn_act_reference
 
 OP_FWD = "fastface::dwconv_forward"
 OP_BWD = "fastface::dwconv_backward"
@@ -78,18 +78,10 @@ def dwconv_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, weight: t
     return ga, gw, bn
 
 
-def bn_stats_reference(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: the batch mean and 1 / sqrt(biased variance + eps) over every dim but 1."""
-    dims = [d for d in range(x.dim()) if d != 1]
-    var, mean = torch.var_mean(x, dim=dims, unbiased=False)
-    return mean, torch.rsqrt(var + eps)
-
-
 def bn_act_dwconv_reference(e: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, weight: torch.Tensor,
                             stride: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain PyTorch: conv2d(relu6(batch_norm(e)), weight, groups=C), with the batch mean and invstd."""
-    mean, invstd = bn_stats_reference(e, eps)
-    a = F.relu6(F.batch_norm(e, None, None, gamma, beta, True, 0.0, eps))
+    a, mean, invstd = bn_act_reference(e, gamma, beta, None, eps, True)
     return F.conv2d(a, weight, None, stride, 1, 1, e.shape[1]), mean, invstd
 
 
