@@ -12,8 +12,8 @@
 //      statistics with Chan's formula; tasks merged in task order (results do not depend on the
 //      thread count);
 //   2. y = act(fma(x - mean, invstd * gamma, beta) [+ residual]).
-// Outputs of >= 16 MiB (y, grad_x, the residual's gradient) are written with non-temporal stores
-// when their rows are whole vectors (simd::kStreamBytes, simd::stream_ok).
+// Large outputs (y, grad_x, the residual's gradient; >= simd::kStreamBytes) are written with
+// non-temporal stores when their rows are whole vectors (simd::stream_ok).
 // Backward, two passes (x is saved, not y: the ReLU6 mask is recomputed from x exactly as the
 // forward computed its pre-activation, so it is the forward's mask bit for bit):
 //   1. sum(g) and sum(g * xhat) per channel, g = grad_y behind the mask (float per chunk, float64
