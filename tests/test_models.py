@@ -283,18 +283,18 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
         _train_and_compare_f32(ref, fused, x)
     assert not dw_spy.calls
     # Every BatchNorm2d of the trunk, stems and last conv runs in bn_act, except a block's expand BN, which
-    # runs folded into its depthwise conv (_bn_act_dwconv_train); grouped branch layers (split >= 2) run one
-    # call per BN position for all branches; a concat merge's BN stays the plain module.
-    from fastface.models.mobilenetv2 import ConvBNAct, InvertedResidual
+    # runs folded into its depthwise conv (_bn_act_dwconv_train) where that pays (outputs of >= 7 x 7; this
+    # net has both kinds); grouped branch layers (split >= 2) run one call per BN position for all branches;
+    # a concat merge's BN stays the plain module.
+    from fastface.models.mobilenetv2 import ConvBNAct
 
     g = len(spec.inputs)
     n_conv = sum(isinstance(m, ConvBNAct) for m in fused.modules())
     grouped_layers = [fused.layer(j, mod) for j in range(1, spec.split) for mod in spec.inputs]
     grouped = sum(isinstance(m, ConvBNAct) for layer in grouped_layers for m in layer.modules())
-    n_expand = sum(isinstance(m, InvertedResidual) and m.expand is not None for m in fused.modules())
-    grouped_expand = sum(isinstance(layer, InvertedResidual) and layer.expand is not None for layer in grouped_layers)
-    folded = n_expand - grouped_expand + grouped_expand // g
-    assert folded > 0 and len(act_dw_spy.calls) == 2 * folded
+    expand = [li for li in spec.layers() if li.kind == "block" and li.expand]
+    folded = sum(li.size_out >= 7 for li in expand)  # one call per layer: branch copies run grouped
+    assert 0 < folded < len(expand) and len(act_dw_spy.calls) == 2 * folded
     assert len(gdc_spy.calls) == 2  # the GDC head's global depthwise conv as a weighted sum
     assert len(bn_spy.calls) == 2 * (n_conv - grouped + grouped // g - folded)
     assert all(int(b) == 2 for n, b in fused.named_buffers() if n.endswith("num_batches_tracked"))
@@ -342,6 +342,26 @@ def test_bn_act_training_nchw_uses_the_plain_modules(monkeypatch):
     spy = _Spy(monkeypatch, "bn_act")
     _train_and_compare(ref, fused, torch.randn(3, 4, 32, 32, dtype=torch.float64))
     assert all(c[0].shape[-2:] == (1, 1) for c in spy.calls)  # only maps whose memory is NHWC as well
+
+
+def test_branch_inputs_are_dense_in_the_models_layout():
+    """A splitting model hands each stem its channels dense in the model's layout, from an NCHW or a channels_last
+    batch alike (the trainer leaves the batch NCHW for it): the same training output either way."""
+    import copy
+
+    cl = torch.channels_last
+    spec = small_face(split=1, width=0.35, input_size=32)
+    nhwc = build_model(spec).to(memory_format=cl).train()
+    nchw = copy.deepcopy(nhwc).to(memory_format=torch.contiguous_format)
+    x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(SEED))
+    assert nhwc.splits_input and not build_model(small_face(split=0, width=0.35, input_size=32)).splits_input
+    for model, fmt in ((nhwc, cl), (nchw, torch.contiguous_format)):
+        for batch in (x, x.contiguous(memory_format=cl)):
+            parts = model._branch_inputs(batch)
+            assert [p.shape[1] for p in parts] == [3, 1]
+            assert all(p.is_contiguous(memory_format=fmt) for p in parts)
+            assert torch.equal(torch.cat(parts, 1), x)
+    assert torch.equal(nhwc(x), nhwc(x.contiguous(memory_format=cl)))
 
 
 @pytest.mark.parametrize("kernel", ["dwconv_bn_act", "bn_act"])

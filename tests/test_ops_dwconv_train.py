@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fastface._ext import HAS_EXT
 from fastface.ops.bn_act import bn_stats_reference
 from fastface.ops.dwconv_train import (
-    BNActDwConvFunction, DwConvFunction, bn_act_dwconv_reference, dwconv_backward_pays,
+    BNActDwConvFunction, DwConvFunction, bn_act_dwconv_pays, bn_act_dwconv_reference, dwconv_backward_pays,
     dwconv_backward_reference, dwconv_forward_reference, dwconv_kernel_problems,
 )
 
@@ -250,7 +250,7 @@ def test_weight_gradient_does_not_depend_on_the_thread_count():
 
 @needs_ext
 def test_large_maps_stream_their_input_gradient():
-    """A >= 16 MiB grad_x takes the non-temporal stores; the result is the same as ATen's."""
+    """An 18 MiB grad_x (over simd::kStreamBytes) takes the non-temporal stores; the result is the same as ATen's."""
     gy, x, w, s = _inputs((8, 64, 96, 96, 2), torch.float32, 2)  # 18 MiB
     gx, gw, _ = torch.ops.fastface.dwconv_backward(gy, x, w, s, 1)
     gx_ref, gw_ref, _ = dwconv_backward_reference(gy, x, w, s, 1)
@@ -283,6 +283,8 @@ def test_problems_name_what_the_kernel_cannot_take():
     why = " ".join(dwconv_kernel_problems(x, torch.randn(4, 1, 5, 5), 3, 2))
     assert "float16" in why and "3 x 3" in why and "stride 3" in why
     assert dwconv_backward_pays(torch.empty(1, 1, 7, 7), 1) and not dwconv_backward_pays(torch.empty(1, 1, 14, 14), 2)
+    assert bn_act_dwconv_pays(torch.empty(1, 1, 13, 13), 2) and not bn_act_dwconv_pays(torch.empty(1, 1, 12, 12), 2)
+    assert bn_act_dwconv_pays(torch.empty(1, 1, 7, 9), 1) and not bn_act_dwconv_pays(torch.empty(1, 1, 9, 6), 1)
 
 
 def _fused_and_plain(monkeypatch, function, module, x):
@@ -344,3 +346,28 @@ def test_model_blocks_fold_the_expand_activation_into_the_depthwise_conv(monkeyp
         torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1.0), rtol=1e-3)
     for a, b in zip(fused.buffers(), plain.buffers()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("size,stride", [(4, 1), (7, 2)])
+def test_model_blocks_with_small_outputs_keep_bn_act_before_the_depthwise_conv(monkeypatch, size, stride):
+    """Where the folded prologue does not pay (outputs under 7 x 7) the block runs bn_act + DwConvFunction instead,
+    with the same output and gradients as the plain modules."""
+    from fastface.arch import LayerInfo
+    from fastface.models.mobilenetv2 import InvertedResidual
+
+    torch.manual_seed(0)
+    info = LayerInfo(index=1, kind="block", cin=16, cout=16 if stride == 1 else 24, stride=stride, k=3, hidden=96,
+                     expand=True, residual=stride == 1, size_in=size, size_out=(size - 1) // stride + 1)
+    x = torch.randn(4, 16, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    real = DwConvFunction.apply
+    dw_calls = []
+    monkeypatch.setattr(DwConvFunction, "apply", lambda *a: (dw_calls.append(a[0].shape), real(*a))[1])
+    calls, plain, fused, y, y_ref = _fused_and_plain(monkeypatch, BNActDwConvFunction, InvertedResidual(info), x)
+    assert calls == [] and dw_calls == [(4, 96, size, size)]
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    gy = torch.randn_like(y_ref)
+    g = torch.autograd.grad(y, [x, *fused.parameters()], gy)
+    g_ref = torch.autograd.grad(y_ref, [x, *plain.parameters()], gy)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1.0), rtol=1e-3)

@@ -55,7 +55,7 @@ from torch import nn
 from fastface.arch import ArchSpec, LayerInfo
 from fastface.models.heads import GDCHead, PoolHead, make_head
 from fastface.ops import bn_act, conv_bias_act, dwconv_bn_act, ir_block, pack_conv_weight, pack_ir_weights
-from fastface.ops.dwconv_train import BNActDwConvFunction, DwConvFunction, dwconv_kernel_problems
+from fastface.ops.dwconv_train import BNActDwConvFunction, DwConvFunction, bn_act_dwconv_pays, dwconv_kernel_problems
 
 
 _FOLDED_EVAL = [True]
@@ -308,12 +308,12 @@ def _depthwise(x: torch.Tensor, weight: torch.Tensor, c: nn.Conv2d) -> torch.Ten
 def _act_dw_fuses(expand: "ConvBNAct", dw: "ConvBNAct", e: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether _bn_act_dwconv_train computes act(bn(e)) -> dw's conv exactly here: an expand BN (batch statistics)
     with ReLU6, a 3 x 3 depthwise conv (padding 1, stride 1 or 2, no bias; `weight` its own or several branches'
-    concatenated) and a channels_last CPU input the C++ kernels take."""
+    concatenated), a channels_last CPU input the C++ kernels take, and a map where they pay (bn_act_dwconv_pays)."""
     c = dw.conv
     return (expand._bn_act_fuses() and isinstance(expand.act, nn.ReLU6) and c.groups == c.in_channels == c.out_channels
             and c.bias is None and c.dilation == (1, 1) and c.padding_mode == "zeros" and c.kernel_size == (3, 3)
             and c.stride[0] == c.stride[1] and c.padding == (1, 1) and e.is_contiguous(memory_format=torch.channels_last)
-            and not dwconv_kernel_problems(e, weight, c.stride[0], 1))
+            and not dwconv_kernel_problems(e, weight, c.stride[0], 1) and bn_act_dwconv_pays(e, c.stride[0]))
 
 
 def _bn_act_dwconv_train(bns: Sequence[nn.BatchNorm2d], e: torch.Tensor, weight: torch.Tensor,
@@ -608,7 +608,7 @@ class MobileNetV2(_FoldCacheOwner):
             chain = (self.merge is None and self.training and _FUSED_TRAIN[-1] and _eager_cpu(x, lasts[0].conv.weight)
                      and all(isinstance(m, ConvBNAct) and m.training and m._bn_act_fuses() for m in lasts)
                      and all(type(m.act) is type(lasts[0].act) for m in lasts))
-            for m, xm in zip(self.modalities, torch.split(x, self.in_splits, dim=1)):
+            for m, xm in zip(self.modalities, self._branch_inputs(x)):
                 branch = self.branches[m]
                 for layer in branch[:-1]:
                     xm = layer(xm)
@@ -646,6 +646,28 @@ class MobileNetV2(_FoldCacheOwner):
 
     def _branch_blocks(self, j: int) -> list[InvertedResidual]:
         return [self.branches[m][j] for m in self.modalities]
+
+    @property
+    def splits_input(self) -> bool:
+        """Whether the input is split by modality into branches (which then take it in any memory format)."""
+        return self.branches is not None
+
+    def _branch_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x split into the branches' channels, each dense in the memory format of its stem's weight.
+
+        A channel slice of a batch is strided in either layout, so a stem conv would copy it in the forward
+        and again in the backward (its weight gradient); one copy here serves both, and from an NCHW batch
+        it is the only conversion (the trainer leaves a splitting model's batch as the loader gives it).
+        """
+        # The model's layout is that of a stem weight with more than one input channel (a 1-channel weight is
+        # both NCHW- and NHWC-contiguous); with none, the input's.
+        cl = torch.channels_last
+        ws = [self.branches[m][0].conv.weight for m in self.modalities]
+        wide = [w for w in ws if w.dim() == 4 and w.shape[1] > 1]
+        nhwc = (wide[0].is_contiguous(memory_format=cl) and not wide[0].is_contiguous()) if wide else \
+            (x.is_contiguous(memory_format=cl) and not x.is_contiguous())
+        fmt = cl if nhwc else torch.contiguous_format
+        return [xm.contiguous(memory_format=fmt) for xm in torch.split(x, self.in_splits, dim=1)]
 
     def _branches_grouped(self, x: torch.Tensor) -> bool:
         """Whether the branches run as grouped calls (see the module docstring)."""
@@ -688,8 +710,7 @@ class MobileNetV2(_FoldCacheOwner):
         """Branches (stems, then grouped blocks) and the merge."""
         g = len(self.modalities)
         if self.training:
-            h = torch.cat([self.branches[m][0](xm) for m, xm in zip(self.modalities, torch.split(x, self.in_splits, 1))],
-                          1)
+            h = torch.cat([self.branches[m][0](xm) for m, xm in zip(self.modalities, self._branch_inputs(x))], 1)
         else:
             stems = [self.branches[m][0] for m in self.modalities]
             wb, bb, ws, bs = _cached(self, "stems", [t for s in stems for t in _convbn_tensors(s)],

@@ -137,6 +137,13 @@ def dwconv_forward_pays(x: torch.Tensor, stride: int) -> bool:
     return stride == 1 and min(x.shape[2], x.shape[3]) >= 28
 
 
+def bn_act_dwconv_pays(e: torch.Tensor, stride: int) -> bool:
+    """Whether BNActDwConvFunction beat bn_act + the depthwise conv on this (channels_last, float32) input here:
+    outputs of at least 7 x 7 (1.1-1.7x on the face model's; 0.8x on its 4 x 4 outputs, where each channel vector
+    has 16 pixels per image to spread its prologue over; bench/results/dwconv_train_cpu.json, bn_act_dwconv)."""
+    return min((e.shape[2] - 1) // stride + 1, (e.shape[3] - 1) // stride + 1) >= 7
+
+
 class DwConvFunction(torch.autograd.Function):
     """Depthwise conv2d (no bias, no dilation): the C++ kernels where they serve the arguments and pay
     (dwconv_forward_pays, dwconv_backward_pays), else ATen's (oneDNN) forward and backward."""

@@ -160,6 +160,9 @@ class Trainer:
         if run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.bn_flats = share_bn_buffers(self.model)
+        # A model that splits its input by modality makes each branch's slice dense itself (one copy
+        # from the loader's NCHW batch); converting the whole batch first would copy it twice.
+        self.splits_input = bool(getattr(self.model, "splits_input", False))
         # run.fused None (auto): the fused training path everywhere. It was measured faster than the
         # plain modules in each mode: eager CPU runs ATen's convs + fastface.ops.bn_act (BN + residual +
         # ReLU6 in one pass each way; bench/results/train_throughput.json, fastface_fused vs
@@ -342,7 +345,7 @@ class Trainer:
         n = len(batches)
         for i, (x, y) in enumerate(batches):
             x = x.to(self.device, non_blocking=True)
-            if run.channels_last:
+            if run.channels_last and not self.splits_input:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(self.device, non_blocking=True)
             sync = contextlib.nullcontext()
