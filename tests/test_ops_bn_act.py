@@ -152,9 +152,9 @@ def test_statistics_survive_a_large_mean():
                          ids=["f32", "f64"])
 @pytest.mark.parametrize("residual,relu6", [(True, True), (False, False)], ids=["res_act", "none"])
 def test_large_maps_stream_their_outputs_and_merge_chunks(dtype, shape, residual, relu6):
-    """Maps of >= 16 MiB (over simd::kStreamBytes) with whole-vector rows take the non-temporal stores (y, grad_x and the residual's
-    gradient), and tasks of several 128 KiB chunks merge their statistics (Chan's formula): both paths
-    against float64 PyTorch, on 1 and 2 threads, bit for bit alike, with a mean far from 0."""
+    """Maps of >= 16 MiB (over simd::kStreamBytes) with whole-vector rows take the non-temporal stores (y,
+    grad_x and the residual's gradient), and tasks of several 128 KiB chunks merge their statistics (Chan's
+    formula): both paths against float64 PyTorch, on 1 and 2 threads, bit for bit alike, with a mean far from 0."""
     x, gamma, beta, r, gy = _inputs(shape, dtype, 21, residual, requires_grad=False)
     x = (x + 30).contiguous(memory_format=torch.channels_last)
     assert x.numel() * x.element_size() >= 16 << 20

@@ -653,7 +653,7 @@ class MobileNetV2(_FoldCacheOwner):
         return self.branches is not None
 
     def _branch_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x split into the branches' channels, each dense in the memory format of its stem's weight.
+        """x split into the branches' channels, each dense in the model's memory format (its stems' weights').
 
         A channel slice of a batch is strided in either layout, so a stem conv would copy it in the forward
         and again in the backward (its weight gradient); one copy here serves both, and from an NCHW batch

@@ -139,8 +139,9 @@ def dwconv_forward_pays(x: torch.Tensor, stride: int) -> bool:
 
 def bn_act_dwconv_pays(e: torch.Tensor, stride: int) -> bool:
     """Whether BNActDwConvFunction beat bn_act + the depthwise conv on this (channels_last, float32) input here:
-    outputs of at least 7 x 7 (1.1-1.7x on the face model's; 0.8x on its 4 x 4 outputs, where each channel vector
-    has 16 pixels per image to spread its prologue over; bench/results/dwconv_train_cpu.json, bn_act_dwconv)."""
+    outputs of at least 7 x 7 (1.1-1.7x on most of the face model's, ~1x on its 7 x 7 x 384 layers; 0.8-0.96x on its
+    4 x 4 outputs, 16 pixels an image per channel vector; bench/results/dwconv_train_cpu.json, bn_act_dwconv, two
+    runs)."""
     return min((e.shape[2] - 1) // stride + 1, (e.shape[3] - 1) // stride + 1) >= 7
 
 
