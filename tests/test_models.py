@@ -283,7 +283,7 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
         _train_and_compare_f32(ref, fused, x)
     assert not dw_spy.calls
     # Every BatchNorm2d of the trunk, stems and last conv runs in bn_act, except a block's expand BN, which
-    # runs folded into its depthwise conv (_bn_act_dwconv_train) where that pays (outputs of >= 7 x 7; this
+    # runs folded into its depthwise conv (_bn_act_dwconv_train) where that pays (inputs of >= 7 x 7; this
     # net has both kinds); grouped branch layers (split >= 2) run one call per BN position for all branches;
     # a concat merge's BN stays the plain module.
     from fastface.models.mobilenetv2 import ConvBNAct
@@ -293,7 +293,7 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
     grouped_layers = [fused.layer(j, mod) for j in range(1, spec.split) for mod in spec.inputs]
     grouped = sum(isinstance(m, ConvBNAct) for layer in grouped_layers for m in layer.modules())
     expand = [li for li in spec.layers() if li.kind == "block" and li.expand]
-    folded = sum(li.size_out >= 7 for li in expand)  # one call per layer: branch copies run grouped
+    folded = sum(li.size_in >= 7 for li in expand)  # one call per layer: branch copies run grouped
     assert 0 < folded < len(expand) and len(act_dw_spy.calls) == 2 * folded
     assert len(gdc_spy.calls) == 2  # the GDC head's global depthwise conv as a weighted sum
     assert len(bn_spy.calls) == 2 * (n_conv - grouped + grouped // g - folded)

@@ -124,10 +124,10 @@ if all(has_op(op) for op in ("dwconv_forward", "dwconv_backward", "bn_stats", "b
 
 
 def dwconv_backward_pays(x: torch.Tensor, stride: int) -> bool:
-    """Whether the one-pass backward beat oneDNN's on this (channels_last, float32) input here: stride 1, or
-    stride 2 on maps of at least 28 x 28 (the face model's layers at 2 threads, bench/test_bench_dwconv_train.py:
-    1.3-2.1x on those; 0.85-1.2x on stride-2 14 x 14 and 7 x 7 maps, left to oneDNN)."""
-    return stride == 1 or min(x.shape[2], x.shape[3]) >= 28
+    """Whether the one-pass backward beat oneDNN's on this (channels_last, float32) input here: maps of at least
+    7 x 7, either stride (the face model's layers at 2 threads, bench/test_bench_dwconv_train.py: 1.2-2.1x on
+    those; 0.86x on its 4 x 4 x 960 maps, left to oneDNN)."""
+    return min(x.shape[2], x.shape[3]) >= 7
 
 
 def dwconv_forward_pays(x: torch.Tensor, stride: int) -> bool:
@@ -139,10 +139,10 @@ def dwconv_forward_pays(x: torch.Tensor, stride: int) -> bool:
 
 def bn_act_dwconv_pays(e: torch.Tensor, stride: int) -> bool:
     """Whether BNActDwConvFunction beat bn_act + the depthwise conv on this (channels_last, float32) input here:
-    outputs of at least 7 x 7 (1.1-1.7x on most of the face model's, ~1x on its 7 x 7 x 384 layers; 0.8-0.96x on its
-    4 x 4 outputs, 16 pixels an image per channel vector; bench/results/dwconv_train_cpu.json, bn_act_dwconv, two
-    runs)."""
-    return min((e.shape[2] - 1) // stride + 1, (e.shape[3] - 1) // stride + 1) >= 7
+    inputs of at least 7 x 7, either stride (1.1-1.9x on the face model's, 1.06-1.11x on its 7 x 7 x 384 layers
+    and 1.1-1.2x on its stride-2 7 x 7 x 576 one; 0.8-0.96x on its 4 x 4 x 960 inputs, 16 pixels an image per
+    channel vector; bench/results/dwconv_train_cpu.json, bn_act_dwconv, four runs)."""
+    return min(e.shape[2], e.shape[3]) >= 7
 
 
 class DwConvFunction(torch.autograd.Function):
