@@ -12,7 +12,8 @@ and every op's *self* CPU time is put in one class:
 - bn_act                          BatchNorm + residual add + ReLU6: ATen's batch norm, hardtanh and
                                   the adds of the plain loop, fastface.ops.bn_act in the trainer
                                   (forward and backward, with their autograd nodes; bn_stats and
-                                  bn_act_backward_sums, the passes left of a BN folded into a conv)
+                                  bn_act_backward_sums, the passes left of a BN folded into a conv;
+                                  bn_add_act, the split stems' two BNs + add merge + ReLU6)
 - optimizer                       SGD (fused or foreach), gradient clipping, zeroing
 - other                           everything else (FC + margin loss, autograd glue, allocation);
                                   its largest ops are listed
@@ -58,7 +59,9 @@ CLASSES = {
                "autograd::engine::evaluate_function: HardtanhBackward0", "aten::relu6",
                "fastface::bn_act", "fastface::bn_act_backward", "BNActFunction", "BNActFunctionBackward",
                "fastface::bn_stats", "fastface::bn_act_backward_sums",
-               "autograd::engine::evaluate_function: BNActFunctionBackward"),
+               "autograd::engine::evaluate_function: BNActFunctionBackward", "fastface::bn_add_act",
+               "fastface::bn_add_act_backward", "BNAddActFunction", "BNAddActFunctionBackward",
+               "autograd::engine::evaluate_function: BNAddActFunctionBackward"),
     "dwconv": ("fastface::dwconv_forward", "fastface::dwconv_backward", "DwConvFunction", "DwConvFunctionBackward",
                "autograd::engine::evaluate_function: DwConvFunctionBackward", "BNActDwConvFunction",
                "BNActDwConvFunctionBackward", "autograd::engine::evaluate_function: BNActDwConvFunctionBackward"),

@@ -56,6 +56,16 @@ TORCH_LIBRARY(fastface, m) {
   m.def(
       "bn_act_backward(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor invstd, "
       "Tensor? residual, bool relu6) -> (Tensor, Tensor, Tensor, Tensor)");
+  // act(BN_x(x) + BN_r(r)): two training BNs (batch statistics, each its own gamma and beta) summed,
+  // then ReLU6 (or none): the split model's "add" merge of two branch stems. Returns y and both
+  // BNs' batch mean and 1/sqrt(biased var + eps) (x's, then r's). CPU kernel.
+  m.def("bn_add_act(Tensor x, Tensor gamma, Tensor beta, Tensor r, Tensor r_gamma, Tensor r_beta, float eps, "
+        "bool relu6) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Its gradients w.r.t. (x, gamma, beta, r, r_gamma, r_beta) from the saved inputs.
+  m.def(
+      "bn_add_act_backward(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor invstd, "
+      "Tensor r, Tensor r_gamma, Tensor r_beta, Tensor r_mean, Tensor r_invstd, bool relu6) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The batch statistics of bn_act alone (mean, 1/sqrt(biased var + eps) per channel over every dim
   // but 1), for consumers that normalise on the fly (dwconv_forward's prologue). CPU kernel.
   m.def("bn_stats(Tensor x, float eps) -> (Tensor, Tensor)");

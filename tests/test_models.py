@@ -262,8 +262,9 @@ def test_fused_training_equals_unfused(monkeypatch, split, merge, channels_last)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("split,merge", [(0, "add"), (1, "add"), (1, "concat"), (3, "add"), (4, "concat")])
 def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
-    """Training on eager CPU (channels_last): ATen convs + one bn_act per BN (residual add and the stems'
-    add merge folded in); outputs, every gradient and the running statistics match the plain modules."""
+    """Training on eager CPU (channels_last): ATen convs + one bn_act per BN (residual add folded in; the two
+    stems' add merge as one bn_add_act); outputs, every gradient and the running statistics match the plain
+    modules."""
     import copy
 
     spec = small_face(split=split, merge=merge, width=0.35, input_size=32)
@@ -277,6 +278,7 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
     x = x.contiguous(memory_format=torch.channels_last)
     bn_spy, dw_spy = _Spy(monkeypatch, "bn_act"), _Spy(monkeypatch, "dwconv_bn_act")
     act_dw_spy, gdc_spy = _Spy(monkeypatch, "_bn_act_dwconv_train"), _Spy(monkeypatch, "_gdc_head_train")
+    add_spy = _Spy(monkeypatch, "bn_add_act")
     if dtype == torch.float64:
         _train_and_compare(ref, fused, x)
     else:
@@ -285,7 +287,7 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
     # Every BatchNorm2d of the trunk, stems and last conv runs in bn_act, except a block's expand BN, which
     # runs folded into its depthwise conv (_bn_act_dwconv_train) where that pays (inputs of >= 7 x 7; this
     # net has both kinds); grouped branch layers (split >= 2) run one call per BN position for all branches;
-    # a concat merge's BN stays the plain module.
+    # a concat merge's BN stays the plain module; the two stems of an add merge at split 1 run as one bn_add_act.
     from fastface.models.mobilenetv2 import ConvBNAct
 
     g = len(spec.inputs)
@@ -296,7 +298,9 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
     folded = sum(li.size_in >= 7 for li in expand)  # one call per layer: branch copies run grouped
     assert 0 < folded < len(expand) and len(act_dw_spy.calls) == 2 * folded
     assert len(gdc_spy.calls) == 2  # the GDC head's global depthwise conv as a weighted sum
-    assert len(bn_spy.calls) == 2 * (n_conv - grouped + grouped // g - folded)
+    stems_added = g if (split == 1 and merge == "add" and g == 2) else 0
+    assert len(add_spy.calls) == 2 * (stems_added > 0)
+    assert len(bn_spy.calls) == 2 * (n_conv - grouped + grouped // g - folded - stems_added)
     assert all(int(b) == 2 for n, b in fused.named_buffers() if n.endswith("num_batches_tracked"))
 
 

@@ -21,6 +21,10 @@
 //   2. grad_x = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)); with a residual and ReLU6
 //      also g itself (the residual's gradient; without ReLU6 that is grad_y, returned by the caller).
 //
+// bn_add_act: act(BN_x(x) + BN_r(r)), two training BNs summed (the split model's add merge of its
+// stems); the residual is normalised on the fly (the RB flag), so neither BN's output is stored, and
+// its backward reduces both BNs' sums in one pass (sum g is common) and writes both gradients in one.
+//
 // ATen's channels_last batch norm is the comparison: its backward ran at ~2 GB/s on the
 // [64, 96, 56, 56] maps of the face model (35 ms), and BN, hardtanh and hardtanh_backward each
 // stream the map again. NCHW tensors are converted on entry and exit (the model only calls this
@@ -165,10 +169,12 @@ inline void rows_m2(const T* __restrict x, int64_t r0, int64_t r1, int64_t C, co
   }
 }
 
-// y = act(fma(x - mean, scale, beta) [+ res]); NT: non-temporal stores (simd::stream_ok holds for y)
-template <typename T, bool RES, bool RELU6, bool NT>
+// y = act(fma(x - mean, scale, beta) [+ res]); RB: the residual through its own BN, fma(res - rk[0],
+// rk[1], rk[2]) (bn_add_act); NT: non-temporal stores (simd::stream_ok holds for y)
+template <typename T, bool RES, bool RB, bool RELU6, bool NT>
 inline void rows_normalize(const T* __restrict x, const T* __restrict res, int64_t r0, int64_t r1, int64_t C,
                            const T* __restrict mean, const T* __restrict scale, const T* __restrict beta,
+                           const T* __restrict rmean, const T* __restrict rscale, const T* __restrict rbeta,
                            T* __restrict y, int64_t pf) {
   using V = Vec<T>;
   constexpr int L = V::L;
@@ -178,7 +184,11 @@ inline void rows_normalize(const T* __restrict x, const T* __restrict res, int64
   auto one = [&](int64_t off, int64_t o, typename V::mask m, bool full) {
     auto v = V::fmadd(V::sub(full ? V::load(x + off + o) : V::load(x + off + o, m), V::load(mean + o)),
                       V::load(scale + o), V::load(beta + o));
-    if (RES) v = V::add(v, full ? V::load(res + off + o) : V::load(res + off + o, m));
+    if (RES) {
+      auto r = full ? V::load(res + off + o) : V::load(res + off + o, m);
+      if (RB) r = V::fmadd(V::sub(r, V::load(rmean + o)), V::load(rscale + o), V::load(rbeta + o));
+      v = V::add(v, r);
+    }
     if (RELU6) v = V::min(V::max(v, lo), hi);
     if (NT)
       V::stream(y + off + o, v);
@@ -190,13 +200,15 @@ inline void rows_normalize(const T* __restrict x, const T* __restrict res, int64
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * C;
     if (pf) prefetch_row(x + off + pf * C, C);
+    if (RB && pf) prefetch_row(res + off + pf * C, C);
     for (int64_t o = 0; o < nfull * L; o += L) one(off, o, V::full(), true);
     if (nfull * L < C) one(off, nfull * L, last, false);
   }
 }
 
 // Backward constants, padded: mean, scale (invstd * gamma, the forward's multiplier: same
-// rounding, same mask), beta, k1 (gamma * invstd), mg (mean g), mgz (invstd * mean(g * xhat)).
+// rounding, same mask), beta, k1 (gamma * invstd), mg (mean g), mgz (invstd * mean(g * xhat));
+// with a BN'd residual (bn_add_act) its mean, scale, beta, k1 and mgz.
 template <typename T>
 struct BwdK {
   const T* mean;
@@ -205,27 +217,39 @@ struct BwdK {
   const T* k1;
   const T* mg;
   const T* mgz;
+  const T* rmean = nullptr;
+  const T* rscale = nullptr;
+  const T* rbeta = nullptr;
+  const T* rk1 = nullptr;
+  const T* rmgz = nullptr;
 };
 
-// g = grad_y behind the ReLU6 mask of the forward's pre-activation; xc = x - mean.
-template <typename T, bool RES, bool RELU6>
+// g = grad_y behind the ReLU6 mask of the forward's pre-activation; xc = x - mean; RB: rc = res - rmean.
+template <typename T, bool RES, bool RB, bool RELU6>
 inline void grad_xc(const T* __restrict x, const T* __restrict gy, const T* __restrict res, int64_t off, int64_t o,
                     const BwdK<T>& k, typename Vec<T>::mask m, bool full, typename Vec<T>::reg& gv,
-                    typename Vec<T>::reg& xc) {
+                    typename Vec<T>::reg& xc, typename Vec<T>::reg& rc) {
   using V = Vec<T>;
   xc = V::sub(full ? V::load(x + off + o) : V::load(x + off + o, m), V::load(k.mean + o));
   gv = full ? V::load(gy + off + o) : V::load(gy + off + o, m);
+  auto r = V::zero();
+  if (RES && (RB || RELU6)) r = full ? V::load(res + off + o) : V::load(res + off + o, m);
+  if (RB) {
+    rc = V::sub(r, V::load(k.rmean + o));
+    r = V::fmadd(rc, V::load(k.rscale + o), V::load(k.rbeta + o));
+  }
   if (RELU6) {
     auto pre = V::fmadd(xc, V::load(k.scale + o), V::load(k.beta + o));
-    if (RES) pre = V::add(pre, full ? V::load(res + off + o) : V::load(res + off + o, m));
+    if (RES) pre = V::add(pre, r);
     gv = V::keep_open(gv, pre, V::zero(), V::set1(T(6)));
   }
 }
 
-// a[c] += sum_r g, b[c] += sum_r g * (x - mean)
-template <typename T, bool RES, bool RELU6>
+// a[c] += sum_r g, b[c] += sum_r g * (x - mean); RB: c[c] += sum_r g * (res - rmean)
+template <typename T, bool RES, bool RB, bool RELU6>
 inline void rows_grad_sums(const T* __restrict x, const T* __restrict gy, const T* __restrict res, int64_t r0,
-                           int64_t r1, int64_t C, const BwdK<T> k, T* __restrict a, T* __restrict b, int64_t pf) {
+                           int64_t r1, int64_t C, const BwdK<T> k, T* __restrict a, T* __restrict b,
+                           T* __restrict c, int64_t pf) {
   using V = Vec<T>;
   constexpr int L = V::L;
   const int64_t nfull = C / L;
@@ -235,19 +259,22 @@ inline void rows_grad_sums(const T* __restrict x, const T* __restrict gy, const 
     if (pf) {
       prefetch_row(x + off + pf * C, C);
       prefetch_row(gy + off + pf * C, C);
+      if (RB) prefetch_row(res + off + pf * C, C);
     }
     for (int64_t o = 0; o < C; o += L) {
       const bool full = o < nfull * L;
-      typename V::reg gv, xc;
-      grad_xc<T, RES, RELU6>(x, gy, res, off, o, k, last, full, gv, xc);
+      typename V::reg gv, xc, rc;
+      grad_xc<T, RES, RB, RELU6>(x, gy, res, off, o, k, last, full, gv, xc, rc);
       V::store(a + o, V::add(V::load(a + o), gv));
       V::store(b + o, V::fmadd(gv, xc, V::load(b + o)));
+      if (RB) V::store(c + o, V::fmadd(gv, rc, V::load(c + o)));
     }
   }
 }
 
-// gx = k1 * (g - mg - (x - mean) * mgz); gres = g (if given); NT: non-temporal stores
-template <typename T, bool RES, bool RELU6, bool NT>
+// gx = k1 * (g - mg - (x - mean) * mgz); gres = g (if given), or with RB its BN's gradient
+// rk1 * (g - mg - (res - rmean) * rmgz) (mean g is the same for both); NT: non-temporal stores
+template <typename T, bool RES, bool RB, bool RELU6, bool NT>
 inline void rows_grad_x(const T* __restrict x, const T* __restrict gy, const T* __restrict res, int64_t r0,
                         int64_t r1, int64_t C, const BwdK<T> k, T* __restrict gx, T* __restrict gres,
                         int64_t pf) {
@@ -260,22 +287,26 @@ inline void rows_grad_x(const T* __restrict x, const T* __restrict gy, const T* 
     if (pf) {
       prefetch_row(x + off + pf * C, C);
       prefetch_row(gy + off + pf * C, C);
+      if (RB) prefetch_row(res + off + pf * C, C);
     }
     for (int64_t o = 0; o < C; o += L) {
       const bool full = o < nfull * L;
-      typename V::reg gv, xc;
-      grad_xc<T, RES, RELU6>(x, gy, res, off, o, k, last, full, gv, xc);
-      const auto inner = V::sub(V::sub(gv, V::load(k.mg + o)), V::mul(xc, V::load(k.mgz + o)));
-      const auto d = V::mul(V::load(k.k1 + o), inner);
+      typename V::reg gv, xc, rc;
+      grad_xc<T, RES, RB, RELU6>(x, gy, res, off, o, k, last, full, gv, xc, rc);
+      const auto gm = V::sub(gv, V::load(k.mg + o));
+      const auto d = V::mul(V::load(k.k1 + o), V::sub(gm, V::mul(xc, V::load(k.mgz + o))));
+      constexpr bool GRES = RES && (RB || RELU6);
+      auto gr = gv;
+      if (RB) gr = V::mul(V::load(k.rk1 + o), V::sub(gm, V::mul(rc, V::load(k.rmgz + o))));
       if (NT) {
         V::stream(gx + off + o, d);
-        if (RES && RELU6) V::stream(gres + off + o, gv);
+        if (GRES) V::stream(gres + off + o, gr);
       } else if (full) {
         V::store(gx + off + o, d);
-        if (RES && RELU6) V::store(gres + off + o, gv);
+        if (GRES) V::store(gres + off + o, gr);
       } else {
         V::store(gx + off + o, d, last);
-        if (RES && RELU6) V::store(gres + off + o, gv, last);
+        if (GRES) V::store(gres + off + o, gr, last);
       }
     }
   }
@@ -290,17 +321,23 @@ void dispatch_bool(bool b, F&& f) {
     f(std::false_type{});
 }
 
-// f(RES, RELU6) with both runtime flags as integral constants.
+// f(RES, RB, RELU6) with the runtime flags as integral constants (RB only with RES).
 template <class F>
-void dispatch_flags(bool res, bool relu6, F&& f) {
-  dispatch_bool(res, [&](auto RES) { dispatch_bool(relu6, [&](auto RELU6) { f(RES, RELU6); }); });
+void dispatch_flags(bool res, bool rb, bool relu6, F&& f) {
+  dispatch_bool(relu6, [&](auto RELU6) {
+    if (!res)
+      f(std::false_type{}, std::false_type{}, RELU6);
+    else
+      dispatch_bool(rb, [&](auto RB) { f(std::true_type{}, RB, RELU6); });
+  });
 }
 
 // ---- forward ------------------------------------------------------------------------------
 
+// rk (bn_add_act): the residual's own BN as three padded rows (mean, scale = invstd * gamma, beta).
 template <typename T>
 void forward_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gamma, const T* beta, double eps,
-                    bool relu6, T* y, T* mean_out, T* invstd_out) {
+                    bool relu6, T* y, T* mean_out, T* invstd_out, const simd::Padded<T>* rk = nullptr) {
   using V = Vec<T>;
   constexpr int L = V::L;
   const int64_t Cp = simd::padded<T>(C);
@@ -369,12 +406,15 @@ void forward_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gam
   }
 
   const bool nt = simd::stream_ok(y, M, C, simd::kStreamBytes);
-  dispatch_flags(res != nullptr, relu6, [&](auto RES, auto RELU6) {
+  const T* rmean = rk ? (*rk)[0] : nullptr;
+  const T* rscale = rk ? (*rk)[1] : nullptr;
+  const T* rbeta = rk ? (*rk)[2] : nullptr;
+  dispatch_flags(res != nullptr, rk != nullptr, relu6, [&](auto RES, auto RB, auto RELU6) {
     dispatch_bool(nt, [&](auto NT) {
       for_tasks(M * C, sp.ntasks, [=](int64_t t) {
         const int64_t r0 = t * sp.rows, r1 = std::min(M, r0 + sp.rows);
-        rows_normalize<T, decltype(RES)::value, decltype(RELU6)::value, decltype(NT)::value>(x, res, r0, r1, C, meanP,
-                                                                                            scaleP, betaP, y, pf);
+        rows_normalize<T, decltype(RES)::value, decltype(RB)::value, decltype(RELU6)::value, decltype(NT)::value>(
+            x, res, r0, r1, C, meanP, scaleP, betaP, rmean, rscale, rbeta, y, pf);
         if (decltype(NT)::value) simd::stream_fence();
       });
     });
@@ -421,46 +461,76 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_, double eps
 
 // ---- backward -----------------------------------------------------------------------------
 
+// The residual's own BN in bn_add_act's backward: its parameters and statistics in, its gradients out.
+template <typename T>
+struct ResBN {
+  const T* gamma;
+  const T* beta;
+  const T* mean;
+  const T* invstd;
+  T* ggamma;
+  T* gbeta;
+};
+
 template <typename T>
 void backward_kernel(int64_t M, int64_t C, const T* gy, const T* x, const T* res, const T* gamma, const T* beta,
                      const T* mean, const T* invstd, bool relu6, T* gx, T* gres, T* ggamma, T* gbeta,
-                     const double* sums = nullptr) {
+                     const double* sums = nullptr, const ResBN<T>* rb = nullptr) {
   const int64_t Cp = simd::padded<T>(C);
   const int64_t cr = chunk_rows<T>(C);
   const Split sp = split_rows<T>(M, C);
-  simd::Padded<T> kp(C, 6);
+  simd::Padded<T> kp(C, rb ? 11 : 6);
   for (int64_t c = 0; c < C; ++c) {
     kp[0][c] = mean[c];
     kp[1][c] = invstd[c] * gamma[c];
     kp[2][c] = beta[c];
     kp[3][c] = gamma[c] * invstd[c];
+    if (rb) {
+      kp[6][c] = rb->mean[c];
+      kp[7][c] = rb->invstd[c] * rb->gamma[c];
+      kp[8][c] = rb->beta[c];
+      kp[9][c] = rb->gamma[c] * rb->invstd[c];
+    }
   }
-  const BwdK<T> k{kp[0], kp[1], kp[2], kp[3], kp[4], kp[5]};
+  BwdK<T> k{kp[0], kp[1], kp[2], kp[3], kp[4], kp[5]};
+  if (rb) {
+    k.rmean = kp[6];
+    k.rscale = kp[7];
+    k.rbeta = kp[8];
+    k.rk1 = kp[9];
+    k.rmgz = kp[10];
+  }
   const int64_t pf = prefetch_rows<T>(M, C);
 
-  // The first pass's sums (sum g, sum g * (x - mean)), unless the caller reduced them already.
+  // The first pass's sums (sum g, sum g * (x - mean); with rb sum g * (res - rmean)), unless the
+  // caller reduced them already.
   const int64_t nsum = sums ? 1 : sp.ntasks;
-  std::vector<double> tsg(size_t(nsum * C), 0.0), tsgz(size_t(nsum * C), 0.0);
+  std::vector<double> tsg(size_t(nsum * C), 0.0), tsgz(size_t(nsum * C), 0.0), tsgr(size_t(rb ? nsum * C : 0), 0.0);
   double* const tsg_p = tsg.data();
   double* const tsgz_p = tsgz.data();
+  double* const tsgr_p = tsgr.data();
   if (sums) {
     std::copy(sums, sums + C, tsg.begin());
     std::copy(sums + C, sums + 2 * C, tsgz.begin());
-  } else dispatch_flags(res != nullptr, relu6, [&](auto RES, auto RELU6) {
+  } else dispatch_flags(res != nullptr, rb != nullptr, relu6, [&](auto RES, auto RB, auto RELU6) {
     for_tasks(M * C, sp.ntasks, [=](int64_t t) {
-      T* acc = simd::scratch<T, 3>(size_t(2 * Cp));
+      T* acc = simd::scratch<T, 3>(size_t(3 * Cp));
       T* __restrict a = acc;
       T* __restrict b = acc + Cp;
+      T* __restrict cr_ = acc + 2 * Cp;
       double* __restrict sg = tsg_p + t * C;
       double* __restrict sgz = tsgz_p + t * C;
+      double* __restrict sgr = decltype(RB)::value ? tsgr_p + t * C : nullptr;
       const int64_t r0 = t * sp.rows, r1 = std::min(M, r0 + sp.rows);
       for (int64_t c0 = r0; c0 < r1; c0 += cr) {
         const int64_t c1 = std::min(r1, c0 + cr);
-        std::fill(acc, acc + 2 * Cp, T(0));
-        rows_grad_sums<T, decltype(RES)::value, decltype(RELU6)::value>(x, gy, res, c0, c1, C, k, a, b, pf);
+        std::fill(acc, acc + 3 * Cp, T(0));
+        rows_grad_sums<T, decltype(RES)::value, decltype(RB)::value, decltype(RELU6)::value>(x, gy, res, c0, c1, C, k,
+                                                                                              a, b, cr_, pf);
         for (int64_t c = 0; c < C; ++c) {
           sg[c] += double(a[c]);
           sgz[c] += double(b[c]);
+          if (decltype(RB)::value) sgr[c] += double(cr_[c]);
         }
       }
     });
@@ -469,10 +539,11 @@ void backward_kernel(int64_t M, int64_t C, const T* gy, const T* x, const T* res
   T* mgP = kp[4];
   T* mgzP = kp[5];
   for (int64_t c = 0; c < C; ++c) {
-    double sa = 0, sb = 0;
+    double sa = 0, sb = 0, sr = 0;
     for (int64_t t = 0; t < nsum; ++t) {
       sa += tsg[size_t(t * C + c)];
       sb += tsgz[size_t(t * C + c)];
+      if (rb) sr += tsgr[size_t(t * C + c)];
     }
     sb *= double(invstd[c]);  // sum(g * (x - mean)) * invstd = sum(g * xhat)
     gbeta[c] = T(sa);
@@ -480,15 +551,21 @@ void backward_kernel(int64_t M, int64_t C, const T* gy, const T* x, const T* res
     mgP[c] = T(sa / count);
     // xhat * mean(g * xhat) = (x - mean) * (invstd * mean(g * xhat)): one multiply per element.
     mgzP[c] = T(sb / count * double(invstd[c]));
+    if (rb) {  // the residual's BN sees the same g: its grad_beta is sum g as well
+      sr *= double(rb->invstd[c]);
+      rb->gbeta[c] = T(sa);
+      rb->ggamma[c] = T(sr);
+      kp[10][c] = T(sr / count * double(rb->invstd[c]));
+    }
   }
 
   const bool nt = simd::stream_ok(gx, M, C, simd::kStreamBytes) && (gres == nullptr || simd::stream_ok(gres, M, C, 0));
-  dispatch_flags(res != nullptr, relu6, [&](auto RES, auto RELU6) {
+  dispatch_flags(res != nullptr, rb != nullptr, relu6, [&](auto RES, auto RB, auto RELU6) {
     dispatch_bool(nt, [&](auto NT) {
       for_tasks(M * C, sp.ntasks, [=](int64_t t) {
         const int64_t r0 = t * sp.rows, r1 = std::min(M, r0 + sp.rows);
-        rows_grad_x<T, decltype(RES)::value, decltype(RELU6)::value, decltype(NT)::value>(x, gy, res, r0, r1, C, k, gx,
-                                                                                          gres, pf);
+        rows_grad_x<T, decltype(RES)::value, decltype(RB)::value, decltype(RELU6)::value, decltype(NT)::value>(
+            x, gy, res, r0, r1, C, k, gx, gres, pf);
         if (decltype(NT)::value) simd::stream_fence();
       });
     });
@@ -558,9 +635,86 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_sums_cpu(
   return {(cl || x_.dim() != 4) ? gx : gx.contiguous(), ggamma, gbeta};
 }
 
+// act(BN_x(x) + BN_r(r)): two inputs, each through its own training BN, summed (the split model's
+// "add" merge of its branch stems). bn_act with the residual normalised on the fly, so neither
+// BN's output is written: statistics of r and x, then one pass over both.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_act_cpu(
+    const at::Tensor& x_, const at::Tensor& gamma_, const at::Tensor& beta_, const at::Tensor& r_,
+    const at::Tensor& r_gamma_, const at::Tensor& r_beta_, double eps, bool relu6) {
+  const int64_t M = check_args("bn_add_act", x_, gamma_, beta_, r_);
+  check_args("bn_add_act (r)", r_, r_gamma_, r_beta_, c10::nullopt);
+  TORCH_CHECK(eps >= 0, "bn_add_act: eps must be >= 0, got ", eps);
+  const int64_t C = x_.size(1);
+  const bool cl = channels_last(x_);
+  at::Tensor x = as_nhwc(x_), r = as_nhwc(r_);
+  at::Tensor gamma = gamma_.contiguous(), beta = beta_.contiguous(), rgamma = r_gamma_.contiguous(),
+             rbeta = r_beta_.contiguous();
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({C}, x.options()), invstd = at::empty({C}, x.options());
+  at::Tensor rmean = at::empty({C}, x.options()), rinvstd = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_add_act_cpu", [&] {
+    using T = scalar_t;
+    T* rm = rmean.data_ptr<T>();
+    T* ri = rinvstd.data_ptr<T>();
+    forward_kernel<T>(M, C, r.data_ptr<T>(), nullptr, nullptr, nullptr, eps, false, nullptr, rm, ri);
+    simd::Padded<T> rk(C, 3);
+    const T* rg = rgamma.data_ptr<T>();
+    const T* rb = rbeta.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      rk[0][c] = rm[c];
+      rk[1][c] = ri[c] * rg[c];
+      rk[2][c] = rb[c];
+    }
+    forward_kernel<T>(M, C, x.data_ptr<T>(), r.data_ptr<T>(), gamma.data_ptr<T>(), beta.data_ptr<T>(), eps, relu6,
+                      y.data_ptr<T>(), mean.data_ptr<T>(), invstd.data_ptr<T>(), &rk);
+  });
+  return {(cl || x_.dim() != 4) ? y : y.contiguous(), mean, invstd, rmean, rinvstd};
+}
+
+// Gradients of bn_add_act w.r.t. (x, gamma, beta, r, r_gamma, r_beta): one pass for the three
+// per-channel sums (g behind the mask, g * (x - mean), g * (r - r_mean)), one for both gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_act_backward_cpu(
+    const at::Tensor& grad_y_, const at::Tensor& x_, const at::Tensor& gamma_, const at::Tensor& beta_,
+    const at::Tensor& mean_, const at::Tensor& invstd_, const at::Tensor& r_, const at::Tensor& r_gamma_,
+    const at::Tensor& r_beta_, const at::Tensor& r_mean_, const at::Tensor& r_invstd_, bool relu6) {
+  const int64_t M = check_args("bn_add_act_backward", x_, gamma_, beta_, r_);
+  check_args("bn_add_act_backward (r)", r_, r_gamma_, r_beta_, c10::nullopt);
+  const int64_t C = x_.size(1);
+  TORCH_CHECK(grad_y_.sizes() == x_.sizes(), "bn_add_act_backward: grad_y must have x's shape ", x_.sizes(),
+              ", got ", grad_y_.sizes());
+  for (const at::Tensor* t : {&mean_, &invstd_, &r_mean_, &r_invstd_}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "bn_add_act_backward: means and invstds must have C = ", C,
+                " entries, got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == x_.scalar_type(), "bn_add_act_backward: dtypes differ (x is ",
+                x_.scalar_type(), ", got ", t->scalar_type(), ")");
+  }
+  TORCH_CHECK(grad_y_.scalar_type() == x_.scalar_type(), "bn_add_act_backward: dtypes differ (x is ",
+              x_.scalar_type(), ", grad_y ", grad_y_.scalar_type(), ")");
+  const bool cl = channels_last(x_);
+  at::Tensor x = as_nhwc(x_), gy = as_nhwc(grad_y_), r = as_nhwc(r_);
+  at::Tensor gamma = gamma_.contiguous(), beta = beta_.contiguous(), mean = mean_.contiguous(),
+             invstd = invstd_.contiguous(), rgamma = r_gamma_.contiguous(), rbeta = r_beta_.contiguous(),
+             rmean = r_mean_.contiguous(), rinvstd = r_invstd_.contiguous();
+  at::Tensor gx = at::empty_like(x), gr = at::empty_like(x);
+  at::Tensor ggamma = at::empty({C}, x.options()), gbeta = at::empty({C}, x.options());
+  at::Tensor grgamma = at::empty({C}, x.options()), grbeta = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_add_act_backward_cpu", [&] {
+    using T = scalar_t;
+    const ResBN<T> rb{rgamma.data_ptr<T>(), rbeta.data_ptr<T>(), rmean.data_ptr<T>(), rinvstd.data_ptr<T>(),
+                      grgamma.data_ptr<T>(), grbeta.data_ptr<T>()};
+    backward_kernel<T>(M, C, gy.data_ptr<T>(), x.data_ptr<T>(), r.data_ptr<T>(), gamma.data_ptr<T>(),
+                       beta.data_ptr<T>(), mean.data_ptr<T>(), invstd.data_ptr<T>(), relu6, gx.data_ptr<T>(),
+                       gr.data_ptr<T>(), ggamma.data_ptr<T>(), gbeta.data_ptr<T>(), nullptr, &rb);
+  });
+  const bool keep = cl || x_.dim() != 4;
+  return {keep ? gx : gx.contiguous(), ggamma, gbeta, keep ? gr : gr.contiguous(), grgamma, grbeta};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastface, CPU, m) {
+  m.impl("bn_add_act", &bn_add_act_cpu);
+  m.impl("bn_add_act_backward", &bn_add_act_backward_cpu);
   m.impl("bn_act_backward_sums", &bn_act_backward_sums_cpu);
   m.impl("bn_act", &bn_act_cpu);
   m.impl("bn_act_backward", &bn_act_backward_cpu);

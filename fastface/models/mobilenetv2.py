@@ -54,7 +54,7 @@ from torch import nn
 
 from fastface.arch import ArchSpec, LayerInfo
 from fastface.models.heads import GDCHead, PoolHead, make_head
-from fastface.ops import bn_act, conv_bias_act, dwconv_bn_act, ir_block, pack_conv_weight, pack_ir_weights
+from fastface.ops import bn_act, bn_add_act, conv_bias_act, dwconv_bn_act, ir_block, pack_conv_weight, pack_ir_weights
 from fastface.ops.dwconv_train import BNActDwConvFunction, DwConvFunction, bn_act_dwconv_pays, dwconv_kernel_problems
 
 
@@ -219,6 +219,25 @@ def _bn_act_train(bns: Sequence[nn.BatchNorm2d], z: torch.Tensor, residual: torc
     y, mean, invstd = bn_act(z, w, b, residual, bn0.eps, relu6)
     if bn0.training:
         _update_running_stats(bns, mean, invstd, count)
+    return y
+
+
+def _bn_add_act_fuses(bns: Sequence[nn.BatchNorm2d], zs: Sequence[torch.Tensor]) -> bool:
+    """Whether _bn_add_act_train takes these two BNs' inputs (channels_last float, one eps, one shape)."""
+    cl = torch.channels_last
+    return (bns[0].eps == bns[1].eps and zs[0].shape == zs[1].shape and zs[0].dtype == zs[1].dtype
+            and zs[0].dtype in (torch.float32, torch.float64) and all(z.is_contiguous(memory_format=cl) for z in zs))
+
+
+def _bn_add_act_train(bns: Sequence[nn.BatchNorm2d], zs: Sequence[torch.Tensor], relu6: bool) -> torch.Tensor:
+    """act(bns[0](zs[0]) + bns[1](zs[1])) in training through fastface.ops.bn_add_act (neither BN's output
+    stored); both BNs' running statistics updated as nn.BatchNorm2d does."""
+    count = _check_batch(zs[0].shape)
+    (a, b) = bns
+    y, mean_b, invstd_b, mean_a, invstd_a = bn_add_act(zs[1], b.weight, b.bias, zs[0], a.weight, a.bias, a.eps, relu6)
+    for bn, mean, invstd in ((a, mean_a, invstd_a), (b, mean_b, invstd_b)):
+        if bn.training:
+            _update_running_stats([bn], mean, invstd, count)
     return y
 
 
@@ -617,10 +636,14 @@ class MobileNetV2(_FoldCacheOwner):
                 else:
                     outs.append(branch[-1](xm) if self.merge is not None else branch[-1].preact(xm))
             if chain:
-                x = None
-                for i, (m, xm) in enumerate(zip(lasts, ins)):
-                    relu6 = i == len(lasts) - 1 and isinstance(lasts[0].act, nn.ReLU6)
-                    x = _bn_act_train([m.bn], m.conv(xm), x, relu6)
+                zs = [m.conv(xm) for m, xm in zip(lasts, ins)]
+                relu6 = isinstance(lasts[0].act, nn.ReLU6)
+                if len(lasts) == 2 and _bn_add_act_fuses([m.bn for m in lasts], zs):
+                    x = _bn_add_act_train([m.bn for m in lasts], zs, relu6)
+                else:
+                    x = None
+                    for i, (m, z) in enumerate(zip(lasts, zs)):
+                        x = _bn_act_train([m.bn], z, x, relu6 and i == len(lasts) - 1)
             elif self.merge is not None:
                 x = self.merge(outs)
             else:

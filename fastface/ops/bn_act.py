@@ -13,6 +13,10 @@ the residual) instead of saving y. Its fourth output is the residual's gradient 
 residual are given (grad_y behind the mask), else an empty tensor: the residual's gradient is
 then grad_y itself (the autograd wrappers return it without a copy).
 
+    bn_add_act(x, gamma, beta, r, r_gamma, r_beta, eps, relu6) -> (y, mean, invstd, r_mean, r_invstd)
+        y = act(BN_x(x) + BN_r(r)): two inputs, each through its own training BN, summed (the split
+        model's add merge of its stems); neither BN's output is stored, forward or backward
+
 `bn_act(...)` dispatches C++ CPU -> reference (there is no CUDA or Triton kernel: on a GPU the
 reference runs, i.e. ATen's batch norm, which cuDNN/inductor already serve well) and returns y
 with autograd through `BNActFunction`. mean and invstd are not differentiable.
@@ -211,3 +215,108 @@ for _b in ("cpp", "reference"):
     bn_act.register(_b, _REASONS[_b])(_autograd_impl(_b))
     bn_act_backward.register(_b, _backward_reasons(_REASONS[_b]))(_BACKWARD[_b])
 del _b
+
+
+# ---- two BNs summed: act(BN_x(x) + BN_r(r)) ---------------------------------------------------
+
+OP_ADD = "fastface::bn_add_act"
+OP_ADD_BWD = "fastface::bn_add_act_backward"
+
+
+def bn_add_act_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, r: torch.Tensor,
+                         r_gamma: torch.Tensor, r_beta: torch.Tensor, eps: float, relu6: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: act(F.batch_norm(x) + F.batch_norm(r)) in training, and both BNs' (mean, invstd)."""
+    yr, r_mean, r_invstd = bn_act_reference(r, r_gamma, r_beta, None, eps, False)
+    y, mean, invstd = bn_act_reference(x, gamma, beta, yr, eps, relu6)
+    return y, mean, invstd, r_mean, r_invstd
+
+
+def bn_add_act_backward_reference(grad_y: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                                  mean: torch.Tensor, invstd: torch.Tensor, r: torch.Tensor, r_gamma: torch.Tensor,
+                                  r_beta: torch.Tensor, r_mean: torch.Tensor, r_invstd: torch.Tensor, relu6: bool
+                                  ) -> tuple[torch.Tensor, ...]:
+    """Gradients w.r.t. (x, gamma, beta, r, r_gamma, r_beta): bn_act's closed form twice, on one masked g."""
+    yr = (r - _c(r_mean, r)) * _c(r_invstd * r_gamma, r) + _c(r_beta, r)
+    gx, gg, gb, g = bn_act_backward_reference(grad_y, x, gamma, beta, mean, invstd, yr, relu6)
+    if not relu6:
+        g = grad_y
+    gr, grg, grb, _ = bn_act_backward_reference(g, r, r_gamma, r_beta, r_mean, r_invstd, None, False)
+    return gx, gg, gb, gr, grg, grb
+
+
+def bn_add_act_problems(x, gamma, beta, r, r_gamma, r_beta, eps, relu6) -> list[str]:
+    """What is wrong with these arguments (an empty list: nothing)."""
+    why = bn_act_problems(x, gamma, beta, r, eps, relu6)
+    why += [f"r's BN: {w}" for w in bn_act_problems(r, r_gamma, r_beta, None, eps, relu6) if "residual" not in w]
+    return list(dict.fromkeys(why))
+
+
+if has_op("bn_add_act"):
+
+    @torch.library.register_fake(OP_ADD)
+    def _bn_add_act_fake(x, gamma, beta, r, r_gamma, r_beta, eps, relu6):
+        c = x.shape[1]
+        return (like_input(x.new_empty(x.shape), x), x.new_empty((c,)), x.new_empty((c,)), x.new_empty((c,)),
+                x.new_empty((c,)))
+
+    @torch.library.register_fake(OP_ADD_BWD)
+    def _bn_add_act_backward_fake(grad_y, x, gamma, beta, mean, invstd, r, r_gamma, r_beta, r_mean, r_invstd, relu6):
+        return (like_input(x.new_empty(x.shape), x), gamma.new_empty(gamma.shape), beta.new_empty(beta.shape),
+                like_input(r.new_empty(r.shape), r), r_gamma.new_empty(r_gamma.shape), r_beta.new_empty(r_beta.shape))
+
+    def _add_setup_context(ctx, inputs, output):
+        x, gamma, beta, r, r_gamma, r_beta, _eps, relu6 = inputs
+        _y, mean, invstd, r_mean, r_invstd = output
+        ctx.relu6 = relu6
+        ctx.save_for_backward(x, gamma, beta, mean, invstd, r, r_gamma, r_beta, r_mean, r_invstd)
+        ctx.mark_non_differentiable(mean, invstd, r_mean, r_invstd)
+
+    def _add_op_backward(ctx, grad_y, *_grad_stats):
+        return (*torch.ops.fastface.bn_add_act_backward(grad_y, *ctx.saved_tensors, ctx.relu6), None, None)
+
+    torch.library.register_autograd(OP_ADD, _add_op_backward, setup_context=_add_setup_context)
+
+
+def _add_cpp_reasons(x, gamma, beta, r, r_gamma, r_beta, eps, relu6) -> list[str]:
+    return bn_add_act_problems(x, gamma, beta, r, r_gamma, r_beta, eps, relu6) + extension_reasons(
+        "bn_add_act", (OP_ADD, OP_ADD_BWD), "CPU", "cpu", (torch.float32, torch.float64), x)
+
+
+_ADD_FORWARD: dict[str, Callable[..., Any]] = {
+    "cpp": lambda *a: torch.ops.fastface.bn_add_act.default(*a), "reference": bn_add_act_reference}
+_ADD_BACKWARD: dict[str, Callable[..., Any]] = {
+    "cpp": lambda *a: torch.ops.fastface.bn_add_act_backward.default(*a), "reference": bn_add_act_backward_reference}
+
+
+class BNAddActFunction(torch.autograd.Function):
+    """Autograd for bn_add_act on one backend: saves both inputs, their BN parameters and statistics
+    (neither BN's output is stored)."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, r, r_gamma, r_beta, eps, relu6, backend):
+        out = _ADD_FORWARD[backend](x, gamma, beta, r, r_gamma, r_beta, eps, relu6)
+        _y, mean, invstd, r_mean, r_invstd = out
+        ctx.save_for_backward(x, gamma, beta, mean, invstd, r, r_gamma, r_beta, r_mean, r_invstd)
+        ctx.relu6, ctx.backend = relu6, backend
+        ctx.mark_non_differentiable(mean, invstd, r_mean, r_invstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_y, *_grad_stats):
+        return (*_ADD_BACKWARD[ctx.backend](grad_y, *ctx.saved_tensors, ctx.relu6), None, None, None)
+
+
+def _add_autograd_impl(backend: str) -> Callable[..., Any]:
+    def run(x, gamma, beta, r, r_gamma, r_beta, eps, relu6):
+        return BNAddActFunction.apply(x, gamma, beta, r, r_gamma, r_beta, eps, relu6, backend)
+
+    run.__name__ = f"bn_add_act_{backend}"
+    return run
+
+
+bn_add_act = MemoFusedOp("bn_add_act")
+bn_add_act.__doc__ = ("act(BN_x(x) + BN_r(r)) in training with autograd: bn_add_act(x, gamma, beta, r, r_gamma, "
+                      "r_beta, eps, relu6) -> (y, mean, invstd, r_mean, r_invstd).")
+bn_add_act.register("cpp", _add_cpp_reasons)(_add_autograd_impl("cpp"))
+bn_add_act.register("reference", bn_add_act_problems)(_add_autograd_impl("reference"))
