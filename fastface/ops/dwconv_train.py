@@ -139,9 +139,9 @@ def dwconv_forward_pays(x: torch.Tensor, stride: int) -> bool:
 
 def bn_act_dwconv_pays(e: torch.Tensor, stride: int) -> bool:
     """Whether BNActDwConvFunction beat bn_act + the depthwise conv on this (channels_last, float32) input here:
-    inputs of at least 7 x 7, either stride (1.1-1.9x on the face model's, 1.06-1.11x on its 7 x 7 x 384 layers
-    and 1.1-1.2x on its stride-2 7 x 7 x 576 one; 0.8-0.96x on its 4 x 4 x 960 inputs, 16 pixels an image per
-    channel vector; bench/results/dwconv_train_cpu.json, bn_act_dwconv, four runs)."""
+    inputs of at least 7 x 7, either stride (1.2-1.9x on most of the face model's, 1.1-1.2x on its stride-2
+    7 x 7 x 576 layer, break-even on its 7 x 7 x 384 ones at 0.78-1.11x; 0.8-0.96x on its 4 x 4 x 960 inputs,
+    16 pixels an image per channel vector; bench/results/dwconv_train_cpu.json, bn_act_dwconv, five runs)."""
     return min(e.shape[2], e.shape[3]) >= 7
 
 
