@@ -337,6 +337,7 @@ def main() -> int:
         failures.append("fastface._C has no CUDA kernels (build with FORCE_CUDA=1 on a CUDA torch)")
     print("inference: fused inverted-residual block")
     run_ir_blocks(args, meta["copy_gbps"], rows, failures)
+    write_results(args, meta, rows, failures)  # a run stopped in the next part keeps this one's rows
     print("training: depthwise conv + BN + ReLU6, forward and backward")
     run_dw_stages(args, rows, failures)
     meta["seconds"] = time.time() - t0
