@@ -55,8 +55,10 @@ fi
 
 # Build the extension with the CUDA sources (setup.py picks csrc/cuda/*.cu and *.cpp up), for the
 # visible GPUs unless TORCH_CUDA_ARCH_LIST says otherwise.
+# GPU_CHECK_BUILD=0 keeps the extension already built (a rerun, or one built on another machine
+# for the same torch and Python) and only checks it below.
 jobs=$(nproc 2>/dev/null || echo 4)
-stage build env FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$jobs}" \
+[ "${GPU_CHECK_BUILD:-1}" = 0 ] || stage build env FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$jobs}" \
   "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e .
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check: the build failed; nothing else was run" >&2
