@@ -77,8 +77,11 @@ def _stats_kernel(x_ptr, w_ptr, part_mean_ptr, part_m2_ptr, NP, C, H, W, OW, OHW
     chunk = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
+    # The mean as a shifted sum (shift: the first tile's mean): a running `mean += delta * frac`
+    # rounds at the mean's own scale every tile, ~3x torch's error over a 56 x 56 x 8 batch on an H200.
     cnt = 0.0
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    shift = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for i in range(tiles_per_chunk):
         q = (chunk * tiles_per_chunk + i) * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
@@ -90,12 +93,14 @@ def _stats_kernel(x_ptr, w_ptr, part_mean_ptr, part_m2_ptr, NP, C, H, W, OW, OHW
         mean_t = tl.sum(tl.where(valid, z, 0.0), axis=0) / tl.maximum(cnt_t, 1.0)
         dev = tl.where(valid, z - mean_t[None, :], 0.0)
         m2_t = tl.sum(dev * dev, axis=0)
+        shift = tl.where(cnt == 0.0, mean_t, shift)
         tot = cnt + cnt_t
-        delta = mean_t - mean
+        delta = mean_t - (shift + s1 / tl.maximum(cnt, 1.0))
         frac = cnt_t / tl.maximum(tot, 1.0)
-        mean += delta * frac
         m2 += m2_t + delta * delta * cnt * frac
+        s1 += cnt_t * (mean_t - shift)
         cnt = tot
+    mean = shift + s1 / tl.maximum(cnt, 1.0)
     tl.store(part_mean_ptr + chunk * C + c, mean, mask=c_ok)
     tl.store(part_m2_ptr + chunk * C + c, m2, mask=c_ok)
 
@@ -106,18 +111,20 @@ def _finalize_kernel(part_mean_ptr, part_m2_ptr, gamma_ptr, beta_ptr, mean_ptr, 
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     cnt = 0.0
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    shift = tl.load(part_mean_ptr + c, mask=c_ok, other=0.0)  # the first chunk's mean, as in _stats_kernel
+    s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for j in range(n_chunks):
         cnt_b = tl.minimum(tl.maximum(NP - j * chunk_pix, 0), chunk_pix).to(tl.float32)
         mean_b = tl.load(part_mean_ptr + j * C + c, mask=c_ok, other=0.0)
         m2_b = tl.load(part_m2_ptr + j * C + c, mask=c_ok, other=0.0)
         tot = cnt + cnt_b
-        delta = mean_b - mean
+        delta = mean_b - (shift + s1 / tl.maximum(cnt, 1.0))
         frac = cnt_b / tl.maximum(tot, 1.0)
-        mean += delta * frac
         m2 += m2_b + delta * delta * cnt * frac
+        s1 += cnt_b * (mean_b - shift)
         cnt = tot
+    mean = shift + s1 / cnt
     invstd = 1.0 / tl.sqrt(m2 / cnt + eps)
     gamma = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
