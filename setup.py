@@ -54,7 +54,9 @@ def _ext_modules_and_cmdclass():
     }
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: its flush-to-zero turned the scheduler kernel's denormal LRs into 0 on an
+        # H200 (the op must match the Python scheduler bit for bit); the kernels keep FMA contraction.
+        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
         ext = CUDAExtension(
             "fastface._C", sources, define_macros=[("WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
