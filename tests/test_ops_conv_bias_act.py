@@ -132,3 +132,16 @@ def test_bad_arguments_are_named():
         torch.ops.fastface.conv_bias_act(x[:, :3], w, b, 1, 1, 1, True)
     with pytest.raises(RuntimeError, match="kernel larger"):
         torch.ops.fastface.conv_bias_act(x[:, :, :2, :2], w, b, 1, 0, 1, True)
+
+
+def test_forcing_a_backend_the_op_lacks_keeps_the_automatic_choice():
+    """conv_bias_act has no CUDA or Triton kernel: a model forced to those backends keeps running it."""
+    x, w, b = torch.randn(2, 3, 9, 9), torch.randn(8, 3, 3, 3), torch.randn(8)
+    auto = conv_bias_act.select(x, w, b, 1, 1, 1, True)
+    for forced in ("cuda", "triton"):
+        with use_backend(forced):
+            assert conv_bias_act.select(x, w, b, 1, 1, 1, True) == auto
+            torch.testing.assert_close(conv_bias_act(x, w, b, 1, 1, 1, True),
+                                       conv_bias_act_reference(x, w, b, 1, 1, 1, True), atol=1e-5, rtol=1e-5)
+    with use_backend("reference"):
+        assert conv_bias_act.select(x, w, b, 1, 1, 1, True) == "reference"

@@ -3,7 +3,9 @@
 Each backend of an op declares what it supports through a function returning the reasons
 it cannot run a call (empty: it can). `FASTFACE_BACKEND=reference|cpp|triton|cuda` (or the
 `use_backend` context manager) forces one; a forced backend that cannot run raises an error
-listing every backend and why not.
+listing every backend and why not. An op with no implementation of the forced backend at all
+keeps its automatic choice, so that a whole model runs with, say, its CUDA kernels forced
+(conv_bias_act has no CUDA kernel: cuDNN's convs are the GPU path).
 """
 from __future__ import annotations
 
@@ -96,11 +98,9 @@ class FusedOp:
     def select(self, *args: Any, **kwargs: Any) -> str:
         """The backend that would run this call."""
         forced = forced_backend()
-        if forced is not None:
-            if forced in self.impls:
-                why = self.impls[forced][1](*args, **kwargs)
-                if not why:
-                    return forced
+        if forced is not None and forced in self.impls:
+            if not self.impls[forced][1](*args, **kwargs):
+                return forced
             lines = "\n".join(f"  {b}: {'; '.join(r) or 'ok'}" for b, r in self.reasons(*args, **kwargs).items())
             raise BackendUnavailable(f"{self.name}: forced backend {forced!r} cannot run this call:\n{lines}")
         for b in BACKENDS:
