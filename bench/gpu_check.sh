@@ -87,13 +87,15 @@ stage fused-backend-tests "$PY" -m pytest -q "${xdist[@]}" -m "not gpu" -k "not 
 stage bench "$PY" bench/gpu_bench.py "$@"
 
 # The trainer end to end on the GPU: torchrun (NCCL), the on-device FastFace scheduler, a checkpoint
-# and a verification evaluation; in float32 (the fused training ops' CUDA kernels: depthwise conv
-# + BN + ReLU6 in one op) and under bf16 autocast (the convolutions in bf16, cuDNN's).
+# and a verification evaluation; in float32 with fastface's CUDA kernels forced (depthwise conv + BN
+# + ReLU6 in one op in training, the fused block in the evaluation: the model's default on CUDA is
+# cuDNN, measured faster) and under bf16 autocast (cuDNN's convolutions in bf16).
 run=build/gpu-check-train
 stage train-data "$PY" -m fastface data synth --preset tiny --ids 200 --samples-per-id 20 --val-pairs 200 \
   --workers "$jobs" --out "$run/data" --quiet
 for amp in none bf16; do
-  stage "train-$amp" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m fastface train \
+  backend=$([ "$amp" = none ] && echo cuda || echo "")
+  stage "train-$amp" env FASTFACE_BACKEND="$backend" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m fastface train \
     --config configs/demo.yaml synth.enabled=false run.device=cuda run.amp=$amp run.max_steps=100 \
     run.eval_every=0 run.ckpt_every=50 run.log_every=20 data.num_workers=6 data.path="$run/data/train.rec" \
     "eval.sets=[$run/data/val.bin]" run.output="$run/out-$amp"

@@ -512,3 +512,50 @@ def test_torch_compile_training_with_fused_dwconv_bn_act():
     _assert_grads_close(eager, compiled_model)
     for (n, a), (_, b) in zip(eager.named_buffers(), compiled_model.named_buffers()):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10, msg=n)
+
+
+def test_gpu_kernels_pay_follows_the_h200_measurements(monkeypatch):
+    """On CUDA the fused ops run only where bench/gpu_check.sh measured them faster than cuDNN, or when forced."""
+    from types import SimpleNamespace
+
+    from fastface.models.mobilenetv2 import gpu_kernels_pay
+    from fastface.ops import use_backend
+
+    def cuda(h):  # what the routing reads of a CUDA tensor (no GPU here)
+        return SimpleNamespace(device=torch.device("cuda", 0), shape=(64, 960, h, h), dim=lambda: 4)
+
+    monkeypatch.delenv("FASTFACE_BACKEND", raising=False)
+    assert not any(gpu_kernels_pay(cuda(h), op) for h in (7, 14, 56) for op in ("ir_block", "dwconv_bn_act"))
+    assert gpu_kernels_pay(torch.zeros(1, 4, 56, 56), "ir_block")  # the CPU paths route themselves
+    for forced in ("cuda", "triton"):
+        with use_backend(forced):
+            assert gpu_kernels_pay(cuda(56), "ir_block") and gpu_kernels_pay(cuda(56), "dwconv_bn_act")
+    with use_backend("reference"):
+        assert not gpu_kernels_pay(cuda(56), "ir_block")
+    monkeypatch.setenv("FASTFACE_BACKEND", "cuda")
+    assert gpu_kernels_pay(cuda(56), "dwconv_bn_act")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("split", [0, 2])
+def test_gpu_model_routes_to_cudnn_unless_forced(monkeypatch, split):
+    """CUDA eval: cuDNN's folded convs by default (no ir_block call), ir_block when forced; same output."""
+    from fastface.ops import use_backend
+
+    monkeypatch.delenv("FASTFACE_BACKEND", raising=False)
+    spec = small_face(split=split, merge="add", width=0.5, input_size=32)
+    model = randomize(build_model(spec), split + 1).cuda().eval()
+    x = torch.randn(3, 4, 32, 32, device="cuda")
+    spy = _Spy(monkeypatch, "ir_block")
+    # cuDNN's fp32 convs round through TF32 by default (~1e-3 apart for folded and unfolded weights on an H200).
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        with folded_eval(False):
+            ref = model(x)
+        plain = model(x)
+        assert spy.calls == []
+        with use_backend("cuda"):
+            forced = model(x)
+    assert len(spy.calls) == len(spec.blocks)  # one per layer, a split layer's branches as one grouped call
+    torch.testing.assert_close(plain, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(forced, ref, atol=1e-4, rtol=1e-4)

@@ -35,6 +35,10 @@ Fused paths (fastface.ops; each computes the same function as the plain modules,
 - training elsewhere (GPU, torch.compile, or `cpu_bn_act(False)`): a depthwise ConvBNAct whose BN
   is in training mode runs `dwconv_bn_act` (conv + batch-statistics BN + ReLU6 in one op whose
   backward recomputes the conv); the other layers are the plain modules (inductor fuses them).
+- on a CUDA device the model keeps cuDNN (folded convs in eval, the plain modules in training):
+  fastface's CUDA and Triton kernels were measured slower there (`gpu_kernels_pay`,
+  bench/results/gpu_check_NVIDIA-H200.md). FASTFACE_BACKEND=cuda|triton (or
+  fastface.ops.use_backend) makes the model use them.
 - split networks: the per-modality copies of layers 1 .. split-1 (same shapes by construction)
   run as one grouped call per layer (branch = group): `ir_block(groups=G)` in eval, grouped
   1x1 convs + one `dwconv_bn_act` over the concatenated channels in training (eager CPU: grouped
@@ -55,6 +59,7 @@ from torch import nn
 from fastface.arch import ArchSpec, LayerInfo
 from fastface.models.heads import GDCHead, PoolHead, make_head
 from fastface.ops import bn_act, bn_add_act, conv_bias_act, dwconv_bn_act, ir_block, pack_conv_weight, pack_ir_weights
+from fastface.ops.dispatch import forced_backend
 from fastface.ops.dwconv_train import BNActDwConvFunction, DwConvFunction, bn_act_dwconv_pays, dwconv_kernel_problems
 
 
@@ -169,6 +174,20 @@ def _fused_input(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type)
 
 
+def gpu_kernels_pay(x: torch.Tensor, op: str) -> bool:
+    """Whether fastface's `op` ("ir_block" or "dwconv_bn_act") should run on x's device rather than cuDNN's modules.
+
+    Measured on an H200 at batch 64 (bench/gpu_check.sh, bench/results/gpu_check_NVIDIA-H200.md):
+    the fused inverted-residual block ran at 0.02-0.7x eager cuDNN on most face blocks (CUDA and
+    Triton alike; up to 1.3-2.6x only on a few stride-2 and grouped shapes), the depthwise conv +
+    BN + ReLU6 training op at 0.13-0.86x on inputs of 14 x 14 and more, and on 7 x 7 x 960 between
+    0.65x and 2.2x over two runs: nowhere a dependable win, so a CUDA device keeps cuDNN unless a
+    GPU backend is forced (FASTFACE_BACKEND=cuda|triton or fastface.ops.use_backend). True off CUDA
+    (the CPU paths have their own measured routing).
+    """
+    return x.device.type != "cuda" or forced_backend() in ("cuda", "triton")
+
+
 def _check_batch(shape: Sequence[int]) -> int:
     # The same check (and message) as F.batch_norm in training.
     count = shape[0] * shape[2] * shape[3]
@@ -258,7 +277,8 @@ class ConvBNAct(_FoldCacheOwner):
         if self.training:
             if _FUSED_TRAIN[-1] and self._bn_act_fuses() and _eager_cpu(x, self.conv.weight):
                 return self.forward_bn_act(x)
-            if _FUSED_TRAIN[-1] and self._fuses_dw() and _fused_input(x, self.conv.weight):
+            if (_FUSED_TRAIN[-1] and self._fuses_dw() and _fused_input(x, self.conv.weight)
+                    and gpu_kernels_pay(x, "dwconv_bn_act")):
                 return self.forward_fused(x)
         elif (_FOLDED_EVAL[-1] and _bn_folds(self.bn) and isinstance(self.act, (nn.ReLU6, nn.Identity))
               and self.conv.padding_mode == "zeros"):
@@ -508,7 +528,7 @@ class InvertedResidual(_FoldCacheOwner):
         self.project = ConvBNAct(info.hidden, info.cout, 1, act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and _FOLDED_EVAL[-1] and _blocks_fold([self]):
+        if not self.training and _FOLDED_EVAL[-1] and _blocks_fold([self]) and gpu_kernels_pay(x, "ir_block"):
             return self.forward_folded(x)
         ex, dw = self.expand, self.dw
         if (self.training and ex is not None and ex.training and dw.training and _FUSED_TRAIN[-1]
@@ -698,10 +718,11 @@ class MobileNetV2(_FoldCacheOwner):
         blocks = [self._branch_blocks(j) for j in range(1, k)]
         if not self.training:
             stems = [self.branches[m][0] for m in self.modalities]
-            return (_FOLDED_EVAL[-1] and all(_blocks_fold(bs) for bs in blocks)
+            return (_FOLDED_EVAL[-1] and gpu_kernels_pay(x, "ir_block") and all(_blocks_fold(bs) for bs in blocks)
                     and all(not s.training and _bn_folds(s.bn) and s.conv.padding_mode == "zeros" for s in stems)
                     and len({type(s.act) for s in stems}) == 1 and isinstance(stems[0].act, (nn.ReLU6, nn.Identity)))
         return (k >= 2 and _FUSED_TRAIN[-1] and _fused_input(x, self.branches[self.modalities[0]][0].conv.weight)
+                and gpu_kernels_pay(x, "dwconv_bn_act")
                 and all(_blocks_train_grouped(bs) for bs in blocks))
 
     def _stems_folded(self, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

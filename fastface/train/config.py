@@ -95,9 +95,10 @@ class RunConfig:
     compile: bool = False
     # fastface's fused training path (fastface.models.fused_train); false: the model's plain modules.
     # Eager CPU: ATen's convs, each BN + residual add + ReLU6 one fastface.ops.bn_act call; under
-    # torch.compile or on a GPU: depthwise conv + BN + ReLU6 in one op (dwconv_bn_act). None (auto):
-    # fused, measured faster than the plain modules in each mode (bench/results/train_throughput.json:
-    # fastface_fused / fastface_unfused).
+    # torch.compile: depthwise conv + BN + ReLU6 in one op (dwconv_bn_act). None (auto): fused,
+    # measured faster than the plain modules in each mode (bench/results/train_throughput.json:
+    # fastface_fused / fastface_unfused). On a CUDA device the model keeps cuDNN's modules either way
+    # unless FASTFACE_BACKEND=cuda|triton (bench/results/gpu_check_NVIDIA-H200.md: slower there).
     fused: bool | None = None
     # Keep large CPU blocks (>= 1 MiB) for reuse inside each training step (fastface.ops.cpu_cache,
     # the CPU twin of CUDA's caching allocator), so the step's activations and gradients are not
