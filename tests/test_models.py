@@ -559,3 +559,15 @@ def test_gpu_model_routes_to_cudnn_unless_forced(monkeypatch, split):
     assert len(spy.calls) == len(spec.blocks)  # one per layer, a split layer's branches as one grouped call
     torch.testing.assert_close(plain, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(forced, ref, atol=1e-4, rtol=1e-4)
+    # A frozen model routes the same way: its ir_block steps run as cuDNN convs unless a backend is forced.
+    from fastface.models import freeze
+    from fastface.ops import ir_block, ir_block_reference
+
+    net = freeze(model)
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        torch.testing.assert_close(net(x), ref, atol=1e-4, rtol=1e-4)
+        fns = next(iter(net._resolved.values()))
+        assert ir_block_reference in [f for f, _ in fns]
+        with use_backend("cuda"):
+            torch.testing.assert_close(net(x), ref, atol=1e-4, rtol=1e-4)
+    assert any(f is ir_block.impls["cuda"][0] for fns in net._resolved.values() for f, _ in fns)

@@ -24,8 +24,9 @@ from torch import nn
 from fastface.models.heads import GDCHead, PoolHead
 from fastface.models.mobilenetv2 import (
     ConcatMerge, ConvBNAct, InvertedResidual, MobileNetV2, _fold_head, _ir_weights, _packed, _plain_geometry,
+    gpu_kernels_pay,
 )
-from fastface.ops import conv_bias_act, ir_block, pack_conv_weight
+from fastface.ops import conv_bias_act, ir_block, ir_block_reference, pack_conv_weight
 from fastface.ops.dispatch import FusedOp, forced_backend
 
 Step = tuple[Any, tuple]  # (a FusedOp, or a plain function of the activation; the arguments after it)
@@ -154,7 +155,10 @@ class FrozenMobileNetV2(nn.Module):
         """A forward that picks each op's backend; remembered under `key` (None: not remembered)."""
         fns, h = [], x
         for op, args in self.steps:
-            fn = op.impls[op.select(h, *args)][0] if isinstance(op, FusedOp) else op
+            if op is ir_block and not gpu_kernels_pay(h, "ir_block"):
+                fn = ir_block_reference  # cuDNN's convs with the folded weights: faster on CUDA (gpu_kernels_pay)
+            else:
+                fn = op.impls[op.select(h, *args)][0] if isinstance(op, FusedOp) else op
             fns.append((fn, args))
             h = fn(h, *args)
         if key is not None:
