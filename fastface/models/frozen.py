@@ -155,7 +155,7 @@ class FrozenMobileNetV2(nn.Module):
         """A forward that picks each op's backend; remembered under `key` (None: not remembered)."""
         fns, h = [], x
         for op, args in self.steps:
-            if op is ir_block and not gpu_kernels_pay(h, "ir_block"):
+            if op is ir_block and not gpu_kernels_pay(h):
                 fn = ir_block_reference  # cuDNN's convs with the folded weights: faster on CUDA (gpu_kernels_pay)
             else:
                 fn = op.impls[op.select(h, *args)][0] if isinstance(op, FusedOp) else op

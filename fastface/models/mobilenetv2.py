@@ -165,17 +165,8 @@ def _update_running_stats(bns: Sequence[nn.BatchNorm2d], mean: torch.Tensor, inv
             off += c
 
 
-def _fused_input(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the fused training kernels take x as it comes: same dtype as the weights, no autocast.
-
-    Under autocast the plain modules run the convolutions in the low precision (the fused kernels
-    are fp32/fp64 on the CPU and would change the numerics), so the plain path is kept there.
-    """
-    return x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type)
-
-
-def gpu_kernels_pay(x: torch.Tensor, op: str) -> bool:
-    """Whether fastface's `op` ("ir_block" or "dwconv_bn_act") should run on x's device rather than cuDNN's modules.
+def gpu_kernels_pay(x: torch.Tensor) -> bool:
+    """Whether fastface's fused kernels (ir_block, dwconv_bn_act) should run on x's device rather than cuDNN's modules.
 
     Measured on an H200 at batch 64 (bench/gpu_check.sh, bench/results/gpu_check_NVIDIA-H200.md):
     the fused inverted-residual block ran at 0.02-0.7x eager cuDNN on most face blocks (CUDA and
@@ -186,6 +177,16 @@ def gpu_kernels_pay(x: torch.Tensor, op: str) -> bool:
     (the CPU paths have their own measured routing).
     """
     return x.device.type != "cuda" or forced_backend() in ("cuda", "triton")
+
+
+def _fused_input(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the fused training kernels take x as it comes: same dtype as the weights, no autocast,
+    and not a CUDA device where cuDNN is faster (gpu_kernels_pay).
+
+    Under autocast the plain modules run the convolutions in the low precision (the fused kernels
+    are fp32/fp64 on the CPU and would change the numerics), so the plain path is kept there.
+    """
+    return x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type) and gpu_kernels_pay(x)
 
 
 def _check_batch(shape: Sequence[int]) -> int:
@@ -277,8 +278,7 @@ class ConvBNAct(_FoldCacheOwner):
         if self.training:
             if _FUSED_TRAIN[-1] and self._bn_act_fuses() and _eager_cpu(x, self.conv.weight):
                 return self.forward_bn_act(x)
-            if (_FUSED_TRAIN[-1] and self._fuses_dw() and _fused_input(x, self.conv.weight)
-                    and gpu_kernels_pay(x, "dwconv_bn_act")):
+            if _FUSED_TRAIN[-1] and self._fuses_dw() and _fused_input(x, self.conv.weight):
                 return self.forward_fused(x)
         elif (_FOLDED_EVAL[-1] and _bn_folds(self.bn) and isinstance(self.act, (nn.ReLU6, nn.Identity))
               and self.conv.padding_mode == "zeros"):
@@ -528,7 +528,7 @@ class InvertedResidual(_FoldCacheOwner):
         self.project = ConvBNAct(info.hidden, info.cout, 1, act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and _FOLDED_EVAL[-1] and _blocks_fold([self]) and gpu_kernels_pay(x, "ir_block"):
+        if not self.training and _FOLDED_EVAL[-1] and _blocks_fold([self]) and gpu_kernels_pay(x):
             return self.forward_folded(x)
         ex, dw = self.expand, self.dw
         if (self.training and ex is not None and ex.training and dw.training and _FUSED_TRAIN[-1]
@@ -718,11 +718,10 @@ class MobileNetV2(_FoldCacheOwner):
         blocks = [self._branch_blocks(j) for j in range(1, k)]
         if not self.training:
             stems = [self.branches[m][0] for m in self.modalities]
-            return (_FOLDED_EVAL[-1] and gpu_kernels_pay(x, "ir_block") and all(_blocks_fold(bs) for bs in blocks)
+            return (_FOLDED_EVAL[-1] and gpu_kernels_pay(x) and all(_blocks_fold(bs) for bs in blocks)
                     and all(not s.training and _bn_folds(s.bn) and s.conv.padding_mode == "zeros" for s in stems)
                     and len({type(s.act) for s in stems}) == 1 and isinstance(stems[0].act, (nn.ReLU6, nn.Identity)))
         return (k >= 2 and _FUSED_TRAIN[-1] and _fused_input(x, self.branches[self.modalities[0]][0].conv.weight)
-                and gpu_kernels_pay(x, "dwconv_bn_act")
                 and all(_blocks_train_grouped(bs) for bs in blocks))
 
     def _stems_folded(self, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
