@@ -28,7 +28,6 @@
 
 // band, float64 per task) are merged in task order, so results do not depend on the thread count.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
