@@ -14,19 +14,20 @@
 // runs them as two passes). Per (band of input rows, channel vector) the nine weights and nine grad_w
 // accumulators stay in registers; which taps exist is a compile-time mask per row and per pixel (a
 // switch at the borders and between stride-2 parities), so the inner loop has no bounds checks.
-// With the prologue the first output is the gradient w.r.t. a; on request (sums) the same pass also
-// reduces the BN backward's per-channel sums of g = grad_a behind the ReLU6 mask: sum(g) and
-// sum(g * (x - mean)), so that BN backward (bn_act_backward_sums) needs one pass, not two.
+// With the prologue the first output is the gradient w.r.t. a; on request (sums) it is g = grad_a behind
+// the ReLU6 mask (the gradient w.r.t. the BN's output) and the same pass also reduces the BN backward's
+// per-channel sums sum(g) and sum(g * (x - mean)), so that BN backward needs no pass of its own over
+// grad_a (bn_act_backward_sums: one pass, not two; fastface.ops.expand_dwconv: none).
 //
 // NHWC (channels_last) is the layout, channels vectorised; NCHW inputs are converted on entry and
 // exit. Tasks are bands of rows fixed by the shape alone; grad_w's per-task partials (float32 per
+// band, float64 per task) are merged in task order, so results do not depend on the thread count.
 //
 // The kernels live in this header and are instantiated in four translation units, one per dtype and
 // stride (dwconv_train_{f32,f64}_s{1,2}.cpp): as one file they took ~6 minutes of one core to
 // compile, the longest step of the build by 8x; dwconv_train.cpp holds the ops.
 #pragma once
 
-// band, float64 per task) are merged in task order, so results do not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <torch/types.h>
 
@@ -303,11 +304,13 @@ FF_ALWAYS_INLINE void pixel(const T* const* g, int64_t ix, int64_t C, const T* x
         gw[j][ky * K + kx] = V::fmadd(gv, av, gw[j][ky * K + kx]);
       }
     }
-    store<T, MODE>(gxp + j * L, acc, k[j].m);
-    if (FL == kPrologueSums) {  // the BN backward's sums of g = grad_a behind the ReLU6 mask
+    if (FL == kPrologueSums) {  // g = grad_a behind the ReLU6 mask (the BN output's gradient) and its BN sums
       const auto gm = V::keep_open(acc, pre, V::zero(), V::set1(T(6)));
+      store<T, MODE>(gxp + j * L, gm, k[j].m);
       gw[j][NT] = V::add(gw[j][NT], gm);
       gw[j][NT + 1] = V::fmadd(gm, xc, gw[j][NT + 1]);
+    } else {
+      store<T, MODE>(gxp + j * L, acc, k[j].m);
     }
   }
 }

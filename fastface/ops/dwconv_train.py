@@ -10,9 +10,11 @@ x: N x C x H x W; weight: C x 1 x 3 x 3; padding 1, stride 1 or 2, no bias, no d
 mean, scale and beta (C each) the conv's input is a = relu6((x - mean) * scale + beta) (bn_act's
 formula), applied on the fly: the forward activates each input row as it buffers it, the backward
 recomputes a for grad_weight, and its first output is the gradient w.r.t. a. Without them a = x.
-With sums=True the backward also reduces, in the same pass, the BN backward's per-channel sums
-(float64 2 x C: sum(g), sum(g * (x - mean)) for g = grad_a behind the ReLU6 mask), and
-bn_act_backward_sums finishes that BN backward in one pass instead of bn_act_backward's two.
+With sums=True the first output is g = grad_a behind the ReLU6 mask (the gradient w.r.t. the BN's
+output, before the activation) and the same pass also reduces the BN backward's per-channel sums
+(float64 2 x C: sum(g), sum(g * (x - mean))): bn_act_backward_sums finishes that BN backward in one
+pass instead of bn_act_backward's two, and fastface.ops.expand_dwconv folds it into the 1x1 conv's
+backward with no pass of its own.
 The backward pairs every grad_out vector it loads for grad_a with the input pixel it meets for
 grad_weight, so grad_out and x are read once (oneDNN's backward reads them in two passes).
 channels_last is the kernels' fast layout; grad_weight's per-task partials are merged in a fixed
@@ -65,15 +67,17 @@ def dwconv_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, weight: t
                               padding: int, mean: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                               beta: torch.Tensor | None = None,
                               sums: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: ATen's convolution backward of conv2d(a, weight, groups=C) w.r.t. a and weight, and (sums)
-    sum(g), sum(g * (x - mean)) per channel in float64 for g = grad_a where 0 < (x - mean) * scale + beta < 6."""
+    """Plain PyTorch: ATen's convolution backward of conv2d(a, weight, groups=C) w.r.t. a and weight; with sums,
+    g = grad_a where 0 < (x - mean) * scale + beta < 6 (else 0) in place of grad_a, and sum(g), sum(g * (x - mean))
+    per channel in float64."""
     a = _activated(x, mean, scale, beta)
     ga, gw, _ = torch.ops.aten.convolution_backward(grad_out, a, weight, None, [stride] * 2, [padding] * 2, [1, 1],
                                                     False, [0, 0], x.shape[1], [True, True, False])
     bn = torch.empty((0, x.shape[1]), dtype=torch.float64)
     if sums:
         pre = (x - _c(mean)) * _c(scale) + _c(beta)
-        g = torch.where((pre > 0) & (pre < 6), ga, torch.zeros_like(ga)).double()
+        ga = torch.where((pre > 0) & (pre < 6), ga, torch.zeros_like(ga))
+        g = ga.double()
         bn = torch.stack([g.sum((0, 2, 3)), (g * (x.double() - _c(mean.double()))).sum((0, 2, 3))])
     return ga, gw, bn
 
