@@ -16,6 +16,14 @@ conv, forward and backward (the layers with an expand conv before them):
 - fastface  BNActDwConvFunction: bn_stats, dwconv_forward with the BN + ReLU6 prologue (the
             activation never written), dwconv_backward with the BN sums, bn_act_backward_sums
 
+test_expand_dwconv: the same layers with their 1x1 expand conv in front (x -> conv -> BN -> ReLU6 ->
+depthwise conv), forward and backward w.r.t. x and every weight:
+- conv_fastface   oneDNN's 1x1 conv, then BNActDwConvFunction (the path above)
+- expand_dwconv   ExpandDwConvFunction: the BN's statistics from x's moments (channel_moments) and
+                  its backward folded into the 1x1 conv's (grouped_linear_sub): no pass over e for
+                  either
+`routed` is the model's choice per map (expand_dwconv where expand_dwconv_pays).
+
 Each round runs every provider once per map, round-robin, inside fastface.ops.cpu_cache (as the
 trainer runs, so none pays page faults); a time is the median over ROUNDS rounds; totals weigh
 each map by its count in the network. Results: bench/results/dwconv_train_cpu.json.
@@ -190,4 +198,61 @@ def test_bn_act_dwconv(benchmark, pair_maps):
               + f"   x{d['bn_act'] / d['fastface']:.2f} vs bn_act")
     print("  network: " + ", ".join(f"{p} {v:.1f} ms" for p, v in total.items())
           + f" (x{speedup['fastface_vs_aten']:.2f} vs aten, x{speedup['fastface_vs_bn_act']:.2f} vs bn_act)")
+    print(f"  saved {path}")
+
+
+# The face model's expand convs: input channels per hidden width.
+EXPAND_CIN = {96: 16, 144: 24, 192: 32, 384: 64, 576: 96, 960: 160}
+
+
+def _expand_inputs(shape, stride):
+    gy, e, w, s, gamma, beta = _pair_inputs(shape, stride)
+    g = torch.Generator().manual_seed(2)
+    cin = EXPAND_CIN[shape[1]]
+    x = torch.randn((shape[0], cin, shape[2], shape[3]), generator=g).contiguous(memory_format=torch.channels_last)
+    return gy, x, torch.randn(shape[1], cin, 1, 1, generator=g) / cin ** 0.5, w, s, gamma, beta
+
+
+def _conv_fastface(gy, x, we, w, s, gamma, beta):
+    from fastface.ops.dwconv_train import BNActDwConvFunction
+
+    ins = [t.detach().requires_grad_() for t in (x, we, gamma, beta, w)]
+    z, _, _ = BNActDwConvFunction.apply(F.conv2d(ins[0], ins[1]), ins[2], ins[3], ins[4], s, EPS)
+    torch.autograd.grad(z, ins, gy)
+
+
+def _expand_dwconv(gy, x, we, w, s, gamma, beta):
+    from fastface.ops.expand_dwconv import ExpandDwConvFunction
+
+    ins = [t.detach().requires_grad_() for t in (x, we, gamma, beta, w)]
+    z, _, _ = ExpandDwConvFunction.apply(ins[0], ins[1], 1, ins[2], ins[3], ins[4], s, EPS)
+    torch.autograd.grad(z, ins, gy)
+
+
+EXPAND_PROVIDERS = {"conv_fastface": _conv_fastface, "expand_dwconv": _expand_dwconv}
+
+
+def test_expand_dwconv(benchmark, maps):
+    """Median ms per 1x1 conv + BN + ReLU6 + depthwise conv, forward + backward, of each provider per map; totals."""
+    from fastface.ops.expand_dwconv import expand_dwconv_pays
+
+    ex_maps = {f"{EXPAND_CIN[shape[1]]}->{'x'.join(map(str, shape))}/s{s}": (_expand_inputs(shape, s), n)
+               for shape, s, n, ex in LAYERS if ex}
+    ms = _rounds(benchmark, ex_maps, EXPAND_PROVIDERS)
+    routed = {m: "expand_dwconv" if expand_dwconv_pays(args[1]) else "conv_fastface" for m, (args, _) in ex_maps.items()}
+    total = {p: sum(ms[m][p] * n for m, (_, n) in ex_maps.items()) for p in EXPAND_PROVIDERS}
+    total["routed"] = sum(ms[m][routed[m]] * n for m, (_, n) in ex_maps.items())
+    speedup = {m: d["conv_fastface"] / d["expand_dwconv"] for m, d in ms.items()}
+    path = _save("expand_dwconv", {
+        "what": "median ms per 1x1 expand conv + BN (batch statistics) + ReLU6 + depthwise 3x3 conv, forward + "
+                "backward, channels_last fp32; speedup = conv_fastface / expand_dwconv; total = the face model's "
+                "expand layers (ms per training step); routed = the model's choice per map",
+        "ms": ms, "speedup": speedup, "routed": routed, "total_ms": total,
+        "total_speedup": total["conv_fastface"] / total["routed"]})
+    print(f"\n1x1 conv + BN + ReLU6 + depthwise 3x3, forward + backward, median ms over {ROUNDS} rounds:")
+    for m, d in ms.items():
+        print(f"  {m:<26} conv_fastface {d['conv_fastface']:7.2f}   expand_dwconv {d['expand_dwconv']:7.2f}"
+              f"   x{speedup[m]:.2f}   -> {routed[m]}")
+    print(f"  network: conv_fastface {total['conv_fastface']:.1f} ms, expand_dwconv {total['expand_dwconv']:.1f} ms, "
+          f"routed {total['routed']:.1f} ms (x{total['conv_fastface'] / total['routed']:.2f})")
     print(f"  saved {path}")

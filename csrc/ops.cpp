@@ -75,15 +75,23 @@ TORCH_LIBRARY(fastface, m) {
   m.def("dwconv_forward(Tensor x, Tensor weight, int stride, int padding, Tensor? mean=None, Tensor? scale=None, "
         "Tensor? beta=None) -> Tensor");
   // Its gradients w.r.t. the conv's input (a, or x without the prologue) and its weight, in one
-  // pass; with sums=True (prologue only) also, as float64 2 x C, sum(g) and sum(g * (x - mean)) for
-  // g = grad_a behind the ReLU6 mask: the reductions of the BN backward (bn_act_backward_sums).
-  // Without sums the third output is empty.
+  // pass; with sums=True (prologue only) the first output is g = grad_a behind the ReLU6 mask (the
+  // gradient w.r.t. the BN's output) and the third, as float64 2 x C, sum(g) and sum(g * (x - mean)):
+  // the reductions of the BN backward (bn_act_backward_sums, expand_dwconv). Without sums the third
+  // output is empty.
   m.def("dwconv_backward(Tensor grad_out, Tensor x, Tensor weight, int stride, int padding, Tensor? mean=None, "
         "Tensor? scale=None, Tensor? beta=None, bool sums=False) -> (Tensor, Tensor, Tensor)");
   // bn_act_backward (no residual) given its per-channel sums (dwconv_backward's third output): one
   // pass instead of two. Returns (grad_x, grad_gamma, grad_beta).
   m.def("bn_act_backward_sums(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor invstd, "
         "Tensor sums, bool relu6) -> (Tensor, Tensor, Tensor)");
+  // Per-channel mean (float64, C) and within-group covariance (float64, groups x C/groups x C/groups,
+  // biased) of x over every dim but 1: the moments that give a 1x1 conv's output statistics without
+  // a pass over that output (fastface.ops.expand_dwconv). CPU kernel (channels_last: one pass).
+  m.def("channel_moments(Tensor x, int groups) -> (Tensor, Tensor)");
+  // y - x A - c per pixel with A block-diagonal (groups x C/groups x C/groups) and c (C): the
+  // correction expand_dwconv's backward adds to the 1x1 conv's input gradient. CPU kernel.
+  m.def("grouped_linear_sub(Tensor y, Tensor x, Tensor a, Tensor c) -> Tensor");
   // One step of the FastFace LR scheduler: updates the float64 scheduler state in place from
   // the batch loss and writes base_lrs * factor * warmup into lrs, all on the loss's device.
   m.def(

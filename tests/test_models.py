@@ -304,6 +304,31 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
     assert all(int(b) == 2 for n, b in fused.named_buffers() if n.endswith("num_batches_tracked"))
 
 
+@pytest.mark.parametrize("split,merge", [(0, "add"), (1, "add"), (3, "add")])
+def test_expand_dwconv_training_equals_unfused(monkeypatch, split, merge):
+    """Eager CPU training with the expand BN folded into the 1x1 conv's algebra (ExpandDwConvFunction, routed here
+    for every map where the depthwise kernels take it, as the measured threshold would route the face model's
+    28 x 28 and 56 x 56 layers): outputs, every gradient and the running statistics match the plain modules, the
+    branch copies of a split layer included (grouped 1x1 conv)."""
+    import copy
+
+    import fastface.models.mobilenetv2 as mv
+
+    monkeypatch.setattr(mv, "expand_dwconv_pays", lambda x: True)
+    spec = small_face(split=split, merge=merge, width=0.35, input_size=32)
+    ref = randomize(build_model(spec).double(), 3).to(memory_format=torch.channels_last)
+    fused = copy.deepcopy(ref)
+    x = torch.randn(4, 4, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(SEED + split))
+    x = x.contiguous(memory_format=torch.channels_last)
+    spy, act_dw_spy = _Spy(monkeypatch, "_expand_dwconv_train"), _Spy(monkeypatch, "_bn_act_dwconv_train")
+    _train_and_compare(ref, fused, x)
+    expand = [li for li in spec.layers() if li.kind == "block" and li.expand]
+    folded = sum(li.size_in >= 7 for li in expand)
+    assert 0 < folded and len(spy.calls) == 2 * folded and not act_dw_spy.calls
+    if split >= 3:  # a grouped branch layer folded too
+        assert any(c[3] > 1 for c in spy.calls)
+
+
 SEED = 0
 
 

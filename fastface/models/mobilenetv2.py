@@ -28,7 +28,9 @@ Fused paths (fastface.ops; each computes the same function as the plain modules,
   BN + x) and the split stems' "add" merge (bn_1(z_1) + bn_2(z_2), then ReLU6: a chain of bn_act
   calls, no stacked copy) folded into the same calls; running statistics updated as
   nn.BatchNorm2d does. A block's expand BN + ReLU6 is folded into its 3x3 depthwise conv instead
-  (`BNActDwConvFunction`: the expanded activation is never stored), other depthwise convs run
+  (`BNActDwConvFunction`: the expanded activation is never stored; on maps where it pays, with
+  the expand conv too, `ExpandDwConvFunction`: the BN's statistics and backward from the 1x1
+  conv's algebra, no pass over the expanded map), other depthwise convs run
   `DwConvFunction` (fastface's C++ kernels where they were measured faster), and a GDC head's
   global depthwise conv is one weighted sum per channel. Channels_last tensors only (NCHW: the
   plain modules).
@@ -60,6 +62,7 @@ from fastface.arch import ArchSpec, LayerInfo
 from fastface.models.heads import GDCHead, PoolHead, make_head
 from fastface.ops import bn_act, bn_add_act, conv_bias_act, dwconv_bn_act, ir_block, pack_conv_weight, pack_ir_weights
 from fastface.ops.dispatch import forced_backend
+from fastface.ops.expand_dwconv import ExpandDwConvFunction, expand_dwconv_pays, expand_dwconv_problems
 from fastface.ops.dwconv_train import BNActDwConvFunction, DwConvFunction, bn_act_dwconv_pays, dwconv_kernel_problems
 
 
@@ -348,11 +351,17 @@ def _act_dw_fuses(expand: "ConvBNAct", dw: "ConvBNAct", e: torch.Tensor, weight:
     """Whether _bn_act_dwconv_train computes act(bn(e)) -> dw's conv exactly here: an expand BN (batch statistics)
     with ReLU6, a 3 x 3 depthwise conv (padding 1, stride 1 or 2, no bias; `weight` its own or several branches'
     concatenated), a channels_last CPU input the C++ kernels take, and a map where they pay (bn_act_dwconv_pays)."""
+    return (_act_dw_modules_fuse(expand, dw) and e.is_contiguous(memory_format=torch.channels_last)
+            and not dwconv_kernel_problems(e, weight, dw.conv.stride[0], 1) and bn_act_dwconv_pays(e, dw.conv.stride[0]))
+
+
+def _act_dw_modules_fuse(expand: "ConvBNAct", dw: "ConvBNAct") -> bool:
+    """The modules' half of _act_dw_fuses: an expand BN (batch statistics) with ReLU6 and a 3 x 3 depthwise conv
+    (padding 1, square stride, no bias, no dilation)."""
     c = dw.conv
     return (expand._bn_act_fuses() and isinstance(expand.act, nn.ReLU6) and c.groups == c.in_channels == c.out_channels
             and c.bias is None and c.dilation == (1, 1) and c.padding_mode == "zeros" and c.kernel_size == (3, 3)
-            and c.stride[0] == c.stride[1] and c.padding == (1, 1) and e.is_contiguous(memory_format=torch.channels_last)
-            and not dwconv_kernel_problems(e, weight, c.stride[0], 1) and bn_act_dwconv_pays(e, c.stride[0]))
+            and c.stride[0] == c.stride[1] and c.padding == (1, 1))
 
 
 def _bn_act_dwconv_train(bns: Sequence[nn.BatchNorm2d], e: torch.Tensor, weight: torch.Tensor,
@@ -363,6 +372,32 @@ def _bn_act_dwconv_train(bns: Sequence[nn.BatchNorm2d], e: torch.Tensor, weight:
     count = _check_batch(e.shape)
     g, b = _affine(bns)
     z, mean, invstd = BNActDwConvFunction.apply(e, g, b, weight, stride, bn0.eps)
+    if bn0.training:
+        _update_running_stats(bns, mean, invstd, count)
+    return z
+
+
+def _expand_dw_fuses(expand: "ConvBNAct", dw: "ConvBNAct", x: torch.Tensor, w_expand: torch.Tensor,
+                     weight: torch.Tensor, groups: int = 1) -> bool:
+    """Whether _expand_dwconv_train computes dw's conv of act(bn(conv1x1(x, w_expand, groups))) exactly here and
+    pays: expand's conv a plain 1x1 (no bias, stride 1), the conditions of _act_dw_fuses on its output, and a map
+    where folding the BN into the conv's algebra beat BNActDwConvFunction (expand_dwconv_pays)."""
+    c = expand.conv
+    if not (c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0) and c.dilation == (1, 1)
+            and c.bias is None and c.padding_mode == "zeros" and expand_dwconv_pays(x)
+            and _act_dw_modules_fuse(expand, dw) and bn_act_dwconv_pays(x, dw.conv.stride[0])):
+        return False
+    return not expand_dwconv_problems(x, w_expand, groups, weight, dw.conv.stride[0])
+
+
+def _expand_dwconv_train(bns: Sequence[nn.BatchNorm2d], x: torch.Tensor, w_expand: torch.Tensor, groups: int,
+                         weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """dwconv3x3(relu6(BN(conv1x1(x)))) in training through ExpandDwConvFunction (the BN's statistics and backward
+    folded into the 1x1 conv's algebra, the activation never stored); running statistics as nn.BatchNorm2d."""
+    bn0 = bns[0]
+    count = _check_batch((x.shape[0], w_expand.shape[0], x.shape[2], x.shape[3]))
+    g, b = _affine(bns)
+    z, mean, invstd = ExpandDwConvFunction.apply(x, w_expand, groups, g, b, weight, stride, bn0.eps)
     if bn0.training:
         _update_running_stats(bns, mean, invstd, count)
     return z
@@ -497,8 +532,14 @@ def _grouped_block_train_bn_act(blocks: Sequence["InvertedResidual"], x: torch.T
     wd = torch.cat([b.dw.conv.weight for b in blocks])
     if b0.expand is not None:
         w = torch.cat([b.expand.conv.weight for b in blocks])
-        e = F.conv2d(h, w, None, 1, 0, 1, g)
-        if _act_dw_fuses(b0.expand, b0.dw, e, wd):
+        if _expand_dw_fuses(b0.expand, b0.dw, h, w, wd, g):
+            z = _expand_dwconv_train([b.expand.bn for b in blocks], h, w, g, wd, c.stride[0])
+            e = None
+        else:
+            e = F.conv2d(h, w, None, 1, 0, 1, g)
+        if e is None:
+            pass
+        elif _act_dw_fuses(b0.expand, b0.dw, e, wd):
             z = _bn_act_dwconv_train([b.expand.bn for b in blocks], e, wd, c.stride[0])
         else:
             z = _depthwise(_bn_act_train([b.expand.bn for b in blocks], e, None, True), wd, c)
@@ -534,6 +575,10 @@ class InvertedResidual(_FoldCacheOwner):
         if (self.training and ex is not None and ex.training and dw.training and _FUSED_TRAIN[-1]
                 and dw._bn_act_fuses() and _eager_cpu(x, ex.conv.weight)):
             # Expand BN + ReLU6 folded into the depthwise conv's input: the activation is never stored.
+            if _expand_dw_fuses(ex, dw, x, ex.conv.weight, dw.conv.weight):
+                z = _expand_dwconv_train([ex.bn], x, ex.conv.weight, 1, dw.conv.weight, dw.conv.stride[0])
+                h = _bn_act_train([dw.bn], z, None, isinstance(dw.act, nn.ReLU6))
+                return self._project(h, x)
             e = ex.conv(x)
             if _act_dw_fuses(ex, dw, e, dw.conv.weight):
                 z = _bn_act_dwconv_train([ex.bn], e, dw.conv.weight, dw.conv.stride[0])
@@ -544,6 +589,9 @@ class InvertedResidual(_FoldCacheOwner):
         else:
             h = self.expand(x) if ex is not None else x
             h = self.dw(h)
+        return self._project(h, x)
+
+    def _project(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         p = self.project
         if (self.use_res and self.training and p.training and _FUSED_TRAIN[-1] and p._bn_act_fuses()
                 and isinstance(p.act, nn.Identity) and _eager_cpu(h, p.conv.weight)):

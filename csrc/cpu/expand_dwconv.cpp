@@ -1,0 +1,285 @@
+// The two helpers of fastface.ops.expand_dwconv (an inverted-residual block's 1x1 expand conv with its
+// training BN folded into the conv's algebra), on the CPU:
+//
+//   channel_moments(x, groups) -> (mean, cov): per-channel mean and within-group covariance of x over
+//     every dim but 1, float64. With e = x W^T they give the BN's batch statistics of e
+//     (mean_e = W mean, var_e = diag(W cov W^T)) from one pass over x instead of one over e (6x wider).
+//   grouped_linear_sub(y, x, a, c) -> y - x A - c per pixel, A block-diagonal (groups x ci x ci): the
+//     correction of the conv's input gradient when the BN backward is folded in.
+//
+// channels_last is the layout read (every pixel's channels contiguous; other layouts are converted).
+// Tasks are fixed by the shape alone and merged in task order, so results do not depend on the thread
+// count.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "aten_tasks.h"
+#include "simd.h"
+
+namespace fastface {
+namespace {
+
+using simd::Vec;
+
+#if defined(__GNUC__)
+#define FF_INLINE inline __attribute__((always_inline))
+#else
+#define FF_INLINE inline
+#endif
+
+// Pixels summed in T before their block joins the float64 task sums: short runs of shifted values
+// keep float32 rounding at the level of the data, and the inner loop stays in T's wide vectors.
+constexpr int64_t kBlock = 128;
+
+// Rows i0..i0+3 of a group's block Gram matrix, NV vectors a row, accumulated in registers over the block's
+// pixels (d: n pixels of pitch `pitch`, the group's shifted channels at dk) and then added to gk's rows.
+template <typename T, int NV>
+FF_INLINE void gram_rows(const T* d, int64_t n, int64_t pitch, int64_t i0, int64_t rows, int64_t cip, T* gk) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  typename V::reg acc[4][NV];
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  for (int64_t p = 0; p < n; ++p) {
+    const T* dp = d + p * pitch;
+    typename V::reg dv[NV];
+    for (int v = 0; v < NV; ++v) dv[v] = V::load(dp + v * L);
+    for (int r = 0; r < 4; ++r) {
+      if (r >= rows) break;
+      const auto di = V::set1(dp[i0 + r]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(di, dv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int v = 0; v < NV; ++v) {
+      T* row = gk + (i0 + r) * cip + v * L;
+      V::store(row, V::add(V::load(row), acc[r][v]));
+    }
+}
+
+// The same for any number of vectors a row (the accumulators in memory).
+template <typename T>
+void gram_rows_any(const T* d, int64_t n, int64_t pitch, int64_t nv, int64_t i0, int64_t rows, int64_t cip, T* gk) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  for (int64_t p = 0; p < n; ++p) {
+    const T* dp = d + p * pitch;
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto di = V::set1(dp[i0 + r]);
+      T* row = gk + (i0 + r) * cip;
+      for (int64_t v = 0; v < nv; ++v) V::store(row + v * L, V::fmadd(di, V::load(dp + v * L), V::load(row + v * L)));
+    }
+  }
+}
+
+// Layout of the per-group buffers: group k's ci channels padded to cip (whole vectors, zero lanes
+// past ci), its ci x ci matrix as ci rows of cip.
+template <typename T>
+void moments_kernel(const T* x, int64_t P, int64_t C, int64_t groups, double* mean_out, double* cov_out) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const int64_t ci = C / groups, cip = simd::padded<T>(ci), nv = cip / L, gsz = groups * ci * ci;
+  const auto tail = V::tail(ci - (nv - 1) * L);
+  const int64_t bytes = P * C * int64_t(sizeof(T));
+  const int64_t ntasks = std::max<int64_t>(1, std::min<int64_t>({P, int64_t(64), bytes / (256 * 1024)}));
+  const int64_t per = (P + ntasks - 1) / ntasks;
+  // Per task: its mean (C) and sum of squared deviations (groups x ci x ci) about it.
+  std::vector<double> tmean(static_cast<size_t>(ntasks * C)), tm2(static_cast<size_t>(ntasks * gsz));
+  std::vector<int64_t> tcount(static_cast<size_t>(ntasks), 0);
+  for_tasks(P * C * ci, ntasks, [&](int64_t t) {
+    const int64_t p0 = t * per, p1 = std::min(P, p0 + per);
+    if (p0 >= p1) return;
+    const int64_t padc = groups * cip, padg = groups * ci * cip;
+    // One aligned scratch: the shift, the block's shifted pixels, the block's sums and Gram rows.
+    T* buf = simd::scratch<T, 0>(size_t(padc * (kBlock + 2) + padg));
+    T* shift = buf;
+    T* d = shift + padc;
+    T* sb = d + padc * kBlock;
+    T* gb = sb + padc;
+    std::fill(shift, shift + padc, T(0));
+    std::vector<double> s(static_cast<size_t>(padc), 0.0), g(static_cast<size_t>(padg), 0.0);
+    for (int64_t k = 0; k < groups; ++k)  // the task's first pixel: values stay near 0 once shifted
+      std::copy(x + p0 * C + k * ci, x + p0 * C + (k + 1) * ci, shift + k * cip);
+    for (int64_t b0 = p0; b0 < p1; b0 += kBlock) {
+      const int64_t n = std::min(p1, b0 + kBlock) - b0;
+      std::fill(sb, sb + padc + padg, T(0));
+      for (int64_t p = 0; p < n; ++p) {
+        const T* xp = x + (b0 + p) * C;
+        for (int64_t k = 0; k < groups; ++k)
+          for (int64_t v = 0; v < nv; ++v) {
+            const auto xv = v + 1 < nv ? V::load(xp + k * ci + v * L) : V::load(xp + k * ci + v * L, tail);
+            const auto dv = V::sub(xv, V::load(shift + k * cip + v * L));
+            V::store(d + p * padc + k * cip + v * L, dv);
+            V::store(sb + k * cip + v * L, V::add(V::load(sb + k * cip + v * L), dv));
+          }
+      }
+      for (int64_t k = 0; k < groups; ++k) {
+        const T* dk = d + k * cip;
+        T* gk = gb + k * ci * cip;
+        for (int64_t i0 = 0; i0 < ci; i0 += 4) {
+          const int64_t rows = std::min<int64_t>(4, ci - i0);
+          switch (nv) {
+            case 1: gram_rows<T, 1>(dk, n, padc, i0, rows, cip, gk); break;
+            case 2: gram_rows<T, 2>(dk, n, padc, i0, rows, cip, gk); break;
+            case 3: gram_rows<T, 3>(dk, n, padc, i0, rows, cip, gk); break;
+            case 4: gram_rows<T, 4>(dk, n, padc, i0, rows, cip, gk); break;
+            default: gram_rows_any<T>(dk, n, padc, nv, i0, rows, cip, gk);
+          }
+        }
+      }
+      for (int64_t i = 0; i < padc; ++i) s[size_t(i)] += double(sb[i]);
+      for (int64_t i = 0; i < padg; ++i) g[size_t(i)] += double(gb[i]);
+    }
+    const double n = double(p1 - p0);
+    double* mt = tmean.data() + t * C;
+    double* qt = tm2.data() + t * gsz;
+    for (int64_t k = 0; k < groups; ++k)
+      for (int64_t i = 0; i < ci; ++i) {
+        const double si = s[size_t(k * cip + i)];
+        mt[k * ci + i] = double(shift[k * cip + i]) + si / n;
+        for (int64_t j = 0; j < ci; ++j)
+          qt[(k * ci + i) * ci + j] = g[size_t((k * ci + i) * cip + j)] - si * s[size_t(k * cip + j)] / n;
+      }
+    tcount[size_t(t)] = p1 - p0;
+  });
+  // Chan et al.'s merge, matrix form, in task order.
+  std::vector<double> mu(static_cast<size_t>(C), 0.0), m2(static_cast<size_t>(gsz), 0.0);
+  std::vector<double> delta(static_cast<size_t>(C));
+  double cnt = 0;
+  for (int64_t t = 0; t < ntasks; ++t) {
+    const double nb = double(tcount[size_t(t)]);
+    if (nb == 0) continue;
+    const double nab = cnt + nb, w = cnt * nb / nab;
+    const double* mt = tmean.data() + t * C;
+    const double* qt = tm2.data() + t * gsz;
+    for (int64_t c = 0; c < C; ++c) delta[size_t(c)] = mt[c] - mu[size_t(c)];
+    for (int64_t k = 0; k < groups; ++k)
+      for (int64_t i = 0; i < ci; ++i)
+        for (int64_t j = 0; j < ci; ++j) {
+          const int64_t at = (k * ci + i) * ci + j;
+          m2[size_t(at)] += qt[at] + delta[size_t(k * ci + i)] * delta[size_t(k * ci + j)] * w;
+        }
+    for (int64_t c = 0; c < C; ++c) mu[size_t(c)] += delta[size_t(c)] * nb / nab;
+    cnt = nab;
+  }
+  std::copy(mu.begin(), mu.end(), mean_out);
+  for (int64_t i = 0; i < gsz; ++i) cov_out[i] = m2[size_t(i)] / cnt;
+}
+
+template <typename T>
+void linear_sub_kernel(const T* y, const T* x, const T* a, const T* c, T* out, int64_t P, int64_t C,
+                       int64_t groups) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const int64_t ci = C / groups, cip = simd::padded<T>(ci), nv = cip / L;
+  const auto tail = V::tail(ci - (nv - 1) * L);
+  // -a and c, rows padded to whole vectors.
+  std::vector<T> na(static_cast<size_t>(groups * ci * cip), T(0)), cp(static_cast<size_t>(groups * cip), T(0));
+  for (int64_t k = 0; k < groups; ++k) {
+    for (int64_t i = 0; i < ci; ++i)
+      for (int64_t j = 0; j < ci; ++j) na[size_t((k * ci + i) * cip + j)] = -a[(k * ci + i) * ci + j];
+    std::copy(c + k * ci, c + (k + 1) * ci, cp.begin() + k * cip);
+  }
+  const T* nap = na.data();
+  const T* cpp = cp.data();
+  at::parallel_for(0, P, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const T* yp = y + p * C;
+      const T* xp = x + p * C;
+      T* op = out + p * C;
+      for (int64_t k = 0; k < groups; ++k)
+        for (int64_t v = 0; v < nv; ++v) {
+          const bool last = v + 1 == nv;
+          const int64_t at = k * ci + v * L;
+          const T* ak = nap + k * ci * cip + v * L;
+          // Four partial sums: one chain of ci dependent FMAs per pixel would wait on their latency.
+          auto a0 = V::sub(last ? V::load(yp + at, tail) : V::load(yp + at), V::load(cpp + k * cip + v * L));
+          auto a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+          const T* xk = xp + k * ci;
+          int64_t i = 0;
+          for (; i + 4 <= ci; i += 4) {
+            a0 = V::fmadd(V::set1(xk[i]), V::load(ak + i * cip), a0);
+            a1 = V::fmadd(V::set1(xk[i + 1]), V::load(ak + (i + 1) * cip), a1);
+            a2 = V::fmadd(V::set1(xk[i + 2]), V::load(ak + (i + 2) * cip), a2);
+            a3 = V::fmadd(V::set1(xk[i + 3]), V::load(ak + (i + 3) * cip), a3);
+          }
+          for (; i < ci; ++i) a0 = V::fmadd(V::set1(xk[i]), V::load(ak + i * cip), a0);
+          const auto r = V::add(V::add(a0, a1), V::add(a2, a3));
+          if (last)
+            V::store(op + at, r, tail);
+          else
+            V::store(op + at, r);
+        }
+    }
+  });
+}
+
+// fastface's layout rule for outputs (ops/_common.py): channels_last when the input is and is not also
+// plain contiguous.
+bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// x as rows of channels: channels_last 4-D tensors as they are, 2-D (N x C) as they are, others converted.
+at::Tensor rows_of(const at::Tensor& t) {
+  return t.dim() == 4 ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous();
+}
+
+void check_x(const char* op, const at::Tensor& x, int64_t groups) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4 || x.dim() == 2, op, ": x must be N x C x H x W or N x C, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0, op, ": groups (", groups, ") must divide the ", x.size(1),
+              " channels");
+  TORCH_CHECK(x.numel() > 0, op, ": x is empty (", x.sizes(), ")");
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_moments_cpu(const at::Tensor& x_, int64_t groups) {
+  check_x("channel_moments", x_, groups);
+  const at::Tensor x = rows_of(x_);
+  const int64_t C = x.size(1), P = x.numel() / C, ci = C / groups;
+  at::Tensor mean = at::empty({C}, x.options().dtype(at::kDouble));
+  at::Tensor cov = at::empty({groups, ci, ci}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_moments_cpu", [&] {
+    moments_kernel<scalar_t>(x.data_ptr<scalar_t>(), P, C, groups, mean.data_ptr<double>(), cov.data_ptr<double>());
+  });
+  return {mean, cov};
+}
+
+at::Tensor grouped_linear_sub_cpu(const at::Tensor& y_, const at::Tensor& x_, const at::Tensor& a_,
+                                  const at::Tensor& c_) {
+  TORCH_CHECK(a_.dim() == 3 && a_.size(1) == a_.size(2), "grouped_linear_sub: a must be groups x ci x ci, got ",
+              a_.sizes());
+  const int64_t groups = a_.size(0);
+  check_x("grouped_linear_sub", x_, groups);
+  const int64_t C = x_.size(1);
+  TORCH_CHECK(a_.size(1) * groups == C, "grouped_linear_sub: a ", a_.sizes(), " does not split ", C,
+              " channels into ", groups, " groups");
+  TORCH_CHECK(c_.dim() == 1 && c_.size(0) == C, "grouped_linear_sub: c must be (", C, "), got ", c_.sizes());
+  TORCH_CHECK(y_.sizes() == x_.sizes(), "grouped_linear_sub: y ", y_.sizes(), " and x ", x_.sizes(), " differ");
+  for (const at::Tensor* t : {&y_, &a_, &c_})
+    TORCH_CHECK(t->scalar_type() == x_.scalar_type() && t->device() == x_.device(),
+                "grouped_linear_sub: y, a and c must match x's dtype (", x_.scalar_type(), ") and device");
+  const at::Tensor x = rows_of(x_), y = rows_of(y_), a = a_.contiguous(), c = c_.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const int64_t P = x.numel() / C;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_linear_sub_cpu", [&] {
+    linear_sub_kernel<scalar_t>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
+                                c.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), P, C, groups);
+  });
+  return is_channels_last(y_) ? out : out.contiguous();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastface, CPU, m) {
+  m.impl("channel_moments", &channel_moments_cpu);
+  m.impl("grouped_linear_sub", &grouped_linear_sub_cpu);
+}
+
+}  // namespace fastface
