@@ -35,42 +35,69 @@ using simd::Vec;
 // keep float32 rounding at the level of the data, and the inner loop stays in T's wide vectors.
 constexpr int64_t kBlock = 128;
 
-// Rows i0..i0+3 of a group's block Gram matrix, NV vectors a row, accumulated in registers over the block's
-// pixels (d: n pixels of pitch `pitch`, the group's shifted channels at dk) and then added to gk's rows.
-template <typename T, int NV>
-FF_INLINE void gram_rows(const T* d, int64_t n, int64_t pitch, int64_t i0, int64_t rows, int64_t cip, T* gk) {
+// Rows i0..i0+R-1 of a group's block Gram matrix, NV vectors a row, accumulated in registers over the block's
+// n pixels (d: pitch `pitch`, the group's shifted channels) and then added to gk's rows; with SUM also the
+// block's channel sums (added to sk). R and NV are compile-time so the accumulators stay in registers.
+template <typename T, int NV, int R, bool SUM>
+FF_INLINE void gram_rows(const T* d, int64_t n, int64_t pitch, int64_t i0, int64_t cip, T* gk, T* sk) {
   using V = Vec<T>;
   constexpr int L = V::L;
-  typename V::reg acc[4][NV];
-  for (int r = 0; r < 4; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  typename V::reg acc[R][NV], sacc[NV];
+  for (int v = 0; v < NV; ++v) {
+    sacc[v] = V::zero();
+    for (int r = 0; r < R; ++r) acc[r][v] = V::zero();
+  }
   for (int64_t p = 0; p < n; ++p) {
     const T* dp = d + p * pitch;
     typename V::reg dv[NV];
     for (int v = 0; v < NV; ++v) dv[v] = V::load(dp + v * L);
-    for (int r = 0; r < 4; ++r) {
-      if (r >= rows) break;
+    if (SUM)
+      for (int v = 0; v < NV; ++v) sacc[v] = V::add(sacc[v], dv[v]);
+    for (int r = 0; r < R; ++r) {
       const auto di = V::set1(dp[i0 + r]);
       for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(di, dv[v], acc[r][v]);
     }
   }
-  for (int r = 0; r < rows; ++r)
-    for (int v = 0; v < NV; ++v) {
+  for (int v = 0; v < NV; ++v) {
+    if (SUM) V::store(sk + v * L, V::add(V::load(sk + v * L), sacc[v]));
+    for (int r = 0; r < R; ++r) {
       T* row = gk + (i0 + r) * cip + v * L;
       V::store(row, V::add(V::load(row), acc[r][v]));
     }
+  }
+}
+
+// All ci rows of one group's block Gram matrix (and its sums), NV vectors a row: four rows per sweep.
+template <typename T, int NV>
+void gram_group(const T* d, int64_t n, int64_t pitch, int64_t ci, int64_t cip, T* gk, T* sk) {
+  if (ci < 4) {  // the first sweep takes the sums too
+    if (ci == 3) gram_rows<T, NV, 3, true>(d, n, pitch, 0, cip, gk, sk);
+    if (ci == 2) gram_rows<T, NV, 2, true>(d, n, pitch, 0, cip, gk, sk);
+    if (ci == 1) gram_rows<T, NV, 1, true>(d, n, pitch, 0, cip, gk, sk);
+    return;
+  }
+  gram_rows<T, NV, 4, true>(d, n, pitch, 0, cip, gk, sk);
+  int64_t i0 = 4;
+  for (; i0 + 4 <= ci; i0 += 4) gram_rows<T, NV, 4, false>(d, n, pitch, i0, cip, gk, sk);
+  switch (ci - i0) {
+    case 3: gram_rows<T, NV, 3, false>(d, n, pitch, i0, cip, gk, sk); break;
+    case 2: gram_rows<T, NV, 2, false>(d, n, pitch, i0, cip, gk, sk); break;
+    case 1: gram_rows<T, NV, 1, false>(d, n, pitch, i0, cip, gk, sk); break;
+    default: break;
+  }
 }
 
 // The same for any number of vectors a row (the accumulators in memory).
 template <typename T>
-void gram_rows_any(const T* d, int64_t n, int64_t pitch, int64_t nv, int64_t i0, int64_t rows, int64_t cip, T* gk) {
+void gram_group_any(const T* d, int64_t n, int64_t pitch, int64_t nv, int64_t ci, int64_t cip, T* gk, T* sk) {
   using V = Vec<T>;
   constexpr int L = V::L;
   for (int64_t p = 0; p < n; ++p) {
     const T* dp = d + p * pitch;
-    for (int64_t r = 0; r < rows; ++r) {
-      const auto di = V::set1(dp[i0 + r]);
-      T* row = gk + (i0 + r) * cip;
+    for (int64_t v = 0; v < nv; ++v) V::store(sk + v * L, V::add(V::load(sk + v * L), V::load(dp + v * L)));
+    for (int64_t r = 0; r < ci; ++r) {
+      const auto di = V::set1(dp[r]);
+      T* row = gk + r * cip;
       for (int64_t v = 0; v < nv; ++v) V::store(row + v * L, V::fmadd(di, V::load(dp + v * L), V::load(row + v * L)));
     }
   }
@@ -107,28 +134,23 @@ void moments_kernel(const T* x, int64_t P, int64_t C, int64_t groups, double* me
     for (int64_t b0 = p0; b0 < p1; b0 += kBlock) {
       const int64_t n = std::min(p1, b0 + kBlock) - b0;
       std::fill(sb, sb + padc + padg, T(0));
-      for (int64_t p = 0; p < n; ++p) {
+      for (int64_t p = 0; p < n; ++p) {  // the block, shifted, into d (rows of padc)
         const T* xp = x + (b0 + p) * C;
         for (int64_t k = 0; k < groups; ++k)
           for (int64_t v = 0; v < nv; ++v) {
             const auto xv = v + 1 < nv ? V::load(xp + k * ci + v * L) : V::load(xp + k * ci + v * L, tail);
-            const auto dv = V::sub(xv, V::load(shift + k * cip + v * L));
-            V::store(d + p * padc + k * cip + v * L, dv);
-            V::store(sb + k * cip + v * L, V::add(V::load(sb + k * cip + v * L), dv));
+            V::store(d + p * padc + k * cip + v * L, V::sub(xv, V::load(shift + k * cip + v * L)));
           }
       }
       for (int64_t k = 0; k < groups; ++k) {
         const T* dk = d + k * cip;
         T* gk = gb + k * ci * cip;
-        for (int64_t i0 = 0; i0 < ci; i0 += 4) {
-          const int64_t rows = std::min<int64_t>(4, ci - i0);
-          switch (nv) {
-            case 1: gram_rows<T, 1>(dk, n, padc, i0, rows, cip, gk); break;
-            case 2: gram_rows<T, 2>(dk, n, padc, i0, rows, cip, gk); break;
-            case 3: gram_rows<T, 3>(dk, n, padc, i0, rows, cip, gk); break;
-            case 4: gram_rows<T, 4>(dk, n, padc, i0, rows, cip, gk); break;
-            default: gram_rows_any<T>(dk, n, padc, nv, i0, rows, cip, gk);
-          }
+        T* sk = sb + k * cip;
+        switch (nv) {
+          case 1: gram_group<T, 1>(dk, n, padc, ci, cip, gk, sk); break;
+          case 2: gram_group<T, 2>(dk, n, padc, ci, cip, gk, sk); break;
+          case 3: gram_group<T, 3>(dk, n, padc, ci, cip, gk, sk); break;
+          default: gram_group_any<T>(dk, n, padc, nv, ci, cip, gk, sk);
         }
       }
       for (int64_t i = 0; i < padc; ++i) s[size_t(i)] += double(sb[i]);
@@ -170,6 +192,57 @@ void moments_kernel(const T* x, int64_t P, int64_t C, int64_t groups, double* me
   for (int64_t i = 0; i < gsz; ++i) cov_out[i] = m2[size_t(i)] / cnt;
 }
 
+// One pixel's group k: out = y - c - x_k A_k over NV vectors, A's rows outer (one broadcast each), two
+// partial sums per vector so consecutive FMAs do not wait on each other.
+template <typename T, int NV>
+FF_INLINE void linear_sub_group(const T* yk, const T* xk, const T* nak, const T* ck, T* ok, int64_t ci, int64_t cip,
+                                typename Vec<T>::mask tail) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  typename V::reg a0[NV], a1[NV];
+  for (int v = 0; v < NV; ++v) {
+    a0[v] = V::sub(v + 1 < NV ? V::load(yk + v * L) : V::load(yk + v * L, tail), V::load(ck + v * L));
+    a1[v] = V::zero();
+  }
+  int64_t i = 0;
+  for (; i + 2 <= ci; i += 2) {
+    const auto x0 = V::set1(xk[i]), x1 = V::set1(xk[i + 1]);
+    for (int v = 0; v < NV; ++v) {
+      a0[v] = V::fmadd(x0, V::load(nak + i * cip + v * L), a0[v]);
+      a1[v] = V::fmadd(x1, V::load(nak + (i + 1) * cip + v * L), a1[v]);
+    }
+  }
+  if (i < ci) {
+    const auto x0 = V::set1(xk[i]);
+    for (int v = 0; v < NV; ++v) a0[v] = V::fmadd(x0, V::load(nak + i * cip + v * L), a0[v]);
+  }
+  for (int v = 0; v < NV; ++v) {
+    const auto r = V::add(a0[v], a1[v]);
+    if (v + 1 < NV)
+      V::store(ok + v * L, r);
+    else
+      V::store(ok + v * L, r, tail);
+  }
+}
+
+// Any number of vectors (wide groups): the same, vector by vector.
+template <typename T>
+void linear_sub_group_any(const T* yk, const T* xk, const T* nak, const T* ck, T* ok, int64_t ci, int64_t cip,
+                          typename Vec<T>::mask tail) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const int64_t nv = cip / L;
+  for (int64_t v = 0; v < nv; ++v) {
+    const bool last = v + 1 == nv;
+    auto a0 = V::sub(last ? V::load(yk + v * L, tail) : V::load(yk + v * L), V::load(ck + v * L));
+    for (int64_t i = 0; i < ci; ++i) a0 = V::fmadd(V::set1(xk[i]), V::load(nak + i * cip + v * L), a0);
+    if (last)
+      V::store(ok + v * L, a0, tail);
+    else
+      V::store(ok + v * L, a0);
+  }
+}
+
 template <typename T>
 void linear_sub_kernel(const T* y, const T* x, const T* a, const T* c, T* out, int64_t P, int64_t C,
                        int64_t groups) {
@@ -187,34 +260,19 @@ void linear_sub_kernel(const T* y, const T* x, const T* a, const T* c, T* out, i
   const T* nap = na.data();
   const T* cpp = cp.data();
   at::parallel_for(0, P, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      const T* yp = y + p * C;
-      const T* xp = x + p * C;
-      T* op = out + p * C;
-      for (int64_t k = 0; k < groups; ++k)
-        for (int64_t v = 0; v < nv; ++v) {
-          const bool last = v + 1 == nv;
-          const int64_t at = k * ci + v * L;
-          const T* ak = nap + k * ci * cip + v * L;
-          // Four partial sums: one chain of ci dependent FMAs per pixel would wait on their latency.
-          auto a0 = V::sub(last ? V::load(yp + at, tail) : V::load(yp + at), V::load(cpp + k * cip + v * L));
-          auto a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
-          const T* xk = xp + k * ci;
-          int64_t i = 0;
-          for (; i + 4 <= ci; i += 4) {
-            a0 = V::fmadd(V::set1(xk[i]), V::load(ak + i * cip), a0);
-            a1 = V::fmadd(V::set1(xk[i + 1]), V::load(ak + (i + 1) * cip), a1);
-            a2 = V::fmadd(V::set1(xk[i + 2]), V::load(ak + (i + 2) * cip), a2);
-            a3 = V::fmadd(V::set1(xk[i + 3]), V::load(ak + (i + 3) * cip), a3);
-          }
-          for (; i < ci; ++i) a0 = V::fmadd(V::set1(xk[i]), V::load(ak + i * cip), a0);
-          const auto r = V::add(V::add(a0, a1), V::add(a2, a3));
-          if (last)
-            V::store(op + at, r, tail);
-          else
-            V::store(op + at, r);
+    for (int64_t p = b; p < e; ++p)
+      for (int64_t k = 0; k < groups; ++k) {
+        const int64_t at = p * C + k * ci;
+        const T* nak = nap + k * ci * cip;
+        const T* ck = cpp + k * cip;
+        switch (nv) {
+          case 1: linear_sub_group<T, 1>(y + at, x + at, nak, ck, out + at, ci, cip, tail); break;
+          case 2: linear_sub_group<T, 2>(y + at, x + at, nak, ck, out + at, ci, cip, tail); break;
+          case 3: linear_sub_group<T, 3>(y + at, x + at, nak, ck, out + at, ci, cip, tail); break;
+          case 4: linear_sub_group<T, 4>(y + at, x + at, nak, ck, out + at, ci, cip, tail); break;
+          default: linear_sub_group_any<T>(y + at, x + at, nak, ck, out + at, ci, cip, tail);
         }
-    }
+      }
   });
 }
 

@@ -117,22 +117,23 @@ class ExpandDwConvFunction(torch.autograd.Function):
     def forward(ctx, x, w_expand, groups, gamma, beta, w_dw, stride, eps):
         e = F.conv2d(x, w_expand, None, 1, 0, 1, groups)
         mx, cov = _moments(x, groups)
-        cout = w_expand.shape[0]
-        w3 = w_expand.detach().double().view(groups, cout // groups, -1)
-        mean_d = torch.einsum("goi,gi->go", w3, mx.view(groups, -1)).reshape(cout)
-        var = torch.einsum("goi,gij,goj->go", w3, cov, w3).reshape(cout).clamp_min(0)
+        cout, ci = w_expand.shape[0], x.shape[1] // groups
+        w3 = w_expand.detach().double().view(groups, cout // groups, ci)
+        mean_d = torch.bmm(w3, mx.view(groups, ci, 1)).reshape(cout)
+        wc = torch.bmm(w3, cov)  # W cov, per group: var_e = diag(W cov W^T); the backward's W x^T x needs it too
+        var = (wc * w3).sum(2).reshape(cout).clamp_min_(0)
         mean = mean_d.to(x.dtype)
-        invstd = torch.rsqrt(var + eps).to(x.dtype)
+        invstd = torch.rsqrt(var.add_(eps)).to(x.dtype)
         scale = invstd * gamma
         z = torch.ops.fastface.dwconv_forward(e, w_dw, stride, 1, mean, scale, beta)
-        ctx.save_for_backward(x, w_expand, e, gamma, beta, w_dw, mean, invstd, scale, mx, cov)
+        ctx.save_for_backward(x, w_expand, e, gamma, beta, w_dw, mean, invstd, scale, mx, mean_d, wc)
         ctx.groups, ctx.stride = groups, stride
         ctx.mark_non_differentiable(mean, invstd)
         return z, mean, invstd
 
     @staticmethod
     def backward(ctx, grad_z, _grad_mean, _grad_invstd):
-        x, w_expand, e, gamma, beta, w_dw, mean, invstd, scale, mx, cov = ctx.saved_tensors
+        x, w_expand, e, gamma, beta, w_dw, mean, invstd, scale, mx, mean_d, wc = ctx.saved_tensors
         groups = ctx.groups
         g, gw_dw, sums = torch.ops.fastface.dwconv_backward(grad_z, e, w_dw, ctx.stride, 1, mean, scale, beta, True)
         p = e.numel() // e.shape[1]
@@ -142,33 +143,29 @@ class ExpandDwConvFunction(torch.autograd.Function):
         s1, s2 = sums[0], sums[1]
         inv_d = invstd.double()
         sc_d = gamma.detach().double() * inv_d
-        k = sc_d * inv_d * inv_d * s2 / p
+        k = sc_d * inv_d.square() * s2 / p
         b = sc_d * s1 / p - k * mean.double()
-        w_s = w_expand * scale.detach()[:, None, None, None]
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
-        gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w_s, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
-                                                        groups, mask)
+        gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w_expand * scale.detach()[:, None, None, None], None,
+                                                        [1, 1], [0, 0], [1, 1], False, [0, 0], groups, mask)
         w3 = w_expand.detach().double().view(groups, co, ci)
+        k3, b3 = k.view(groups, co, 1), b.view(groups, co, 1)
         if gx is not None:
-            a = torch.einsum("goi,go,goj->gij", w3, k.view(groups, co), w3).to(x.dtype)
-            c = torch.einsum("go,goi->gi", b.view(groups, co), w3).reshape(cin).to(x.dtype)
+            a = torch.bmm((w3 * k3).transpose(1, 2), w3).to(x.dtype)  # W^T diag(k) W
+            c = torch.bmm(b3.transpose(1, 2), w3).reshape(cin).to(x.dtype)  # b^T W
             gx = _linear_sub(gx, x, a, c)
         if gw is not None:
-            mx3 = mx.view(groups, ci)
-            gram = p * (cov + mx3[:, :, None] * mx3[:, None, :])  # x^T x per group
-            corr = (b.view(groups, co)[:, :, None] * (p * mx3)[:, None, :]
-                    + k.view(groups, co)[:, :, None] * torch.bmm(w3, gram))
-            gw = (sc_d.view(groups, co)[:, :, None] * gw.double().view(groups, co, ci) - corr)
+            # b (sum_p x)^T + diag(k) W x^T x, with x^T x = p (cov + mean mean^T) and W mean = mean_e.
+            corr = ((b3 + k3 * mean_d.view(groups, co, 1)) * mx.view(groups, 1, ci) + k3 * wc).mul_(p)
+            gw = torch.addcmul(corr.neg_(), sc_d.view(groups, co, 1), gw.double().view(groups, co, ci))
             gw = gw.reshape(w_expand.shape).to(w_expand.dtype)
-        gg = (s2 * inv_d).to(gamma.dtype)
-        gb = s1.to(beta.dtype)
-        return gx, gw, None, gg, gb, gw_dw, None, None
+        return gx, gw, None, (s2 * inv_d).to(gamma.dtype), s1.to(beta.dtype), gw_dw, None, None
 
 
 def expand_dwconv_pays(x: torch.Tensor) -> bool:
     """Whether ExpandDwConvFunction beat the 1x1 conv + BNActDwConvFunction on this (channels_last, float32) input
-    here: maps of at least 56 x 56 (the face model's 16 -> 96 layer: 1.09-1.11x forward + backward at 2 threads;
-    0.98-1.07x on its 28 x 28 layers, 0.85-0.90x at 14 x 14, 0.6-0.8x at 7 x 7 and 4 x 4, where the passes saved
-    over e are smaller than the helpers' own passes and Python work; bench/test_bench_dwconv_train.py,
-    test_expand_dwconv, bench/results/dwconv_train_cpu.json)."""
-    return min(x.shape[2], x.shape[3]) >= 56
+    here: maps of at least 28 x 28 (the face model's 16 -> 96 layer at 56 x 56: 1.16-1.17x forward + backward at
+    2 threads, its 24 -> 144 layers at 28 x 28: 1.04-1.07x; 0.91-1.02x at 14 x 14 and 0.6-0.8x at 7 x 7 and 4 x 4,
+    where the Cin^2 work of the moments and the correction outgrows the passes saved over e; two runs of
+    bench/test_bench_dwconv_train.py::test_expand_dwconv, bench/results/dwconv_train_cpu.json)."""
+    return min(x.shape[2], x.shape[3]) >= 28
