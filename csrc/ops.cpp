@@ -92,6 +92,11 @@ TORCH_LIBRARY(fastface, m) {
   // y - x A - c per pixel with A block-diagonal (groups x C/groups x C/groups) and c (C): the
   // correction expand_dwconv's backward adds to the 1x1 conv's input gradient. CPU kernel.
   m.def("grouped_linear_sub(Tensor y, Tensor x, Tensor a, Tensor c) -> Tensor");
+  // BatchNorm's running-statistics update after a training forward, in place, as nn.BatchNorm2d
+  // does (momentum < 0: nn's None, a cumulative average), from the batch mean and invstd of
+  // channels [offset, offset + C). CPU kernel; the model's Python path serves other devices.
+  m.def("bn_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked, "
+        "Tensor mean, Tensor invstd, int offset, float eps, float unbias, float momentum) -> ()");
   // One step of the FastFace LR scheduler: updates the float64 scheduler state in place from
   // the batch loss and writes base_lrs * factor * warmup into lrs, all on the loss's device.
   m.def(

@@ -252,3 +252,39 @@ def test_conv_bn_act_module_running_statistics_match_batchnorm(momentum, residua
 
 
 # ---- depthwise conv with the C++ input gradient ---------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None], ids=["m0.1", "m0.3", "cumulative"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_bn_update_running_matches_batchnorm2d(momentum, dtype):
+    """bn_update_running leaves a BN's running statistics and batch count where nn.BatchNorm2d's own training forward
+    does, over three steps, for a BN over a slice of the statistics (offset) and for a cumulative average."""
+    g = torch.Generator().manual_seed(3)
+    ref = torch.nn.BatchNorm2d(5, momentum=momentum).to(dtype).train()
+    mine = copy.deepcopy(ref)
+    for step in range(3):
+        x = torch.randn(4, 5, 3, 2, generator=g, dtype=dtype) * (step + 1) + step
+        ref(x)
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        invstd = torch.rsqrt(var + mine.eps)
+        pad = torch.randn(3, dtype=dtype, generator=g)  # two other BNs' statistics around this one's
+        count = x.numel() // 5
+        torch.ops.fastface.bn_update_running(mine.running_mean, mine.running_var, mine.num_batches_tracked,
+                                             torch.cat([pad[:2], mean, pad[2:]]), torch.cat([pad[:2], invstd, pad[2:]]),
+                                             2, mine.eps, count / (count - 1), -1.0 if momentum is None else momentum)
+        tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(mine.running_mean, ref.running_mean, **tol)
+        torch.testing.assert_close(mine.running_var, ref.running_var, **tol)
+        assert int(mine.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1
+
+
+@needs_ext
+def test_bn_update_running_opcheck_and_errors():
+    rm, rv, nbt = torch.zeros(4), torch.ones(4), torch.zeros((), dtype=torch.long)
+    mean, invstd = torch.randn(6), torch.rand(6) + 0.5
+    torch.library.opcheck(torch.ops.fastface.bn_update_running.default, (rm, rv, nbt, mean, invstd, 1, 1e-5, 1.1, 0.1))
+    with pytest.raises(RuntimeError, match=r"channels \[3, 7\) are outside the 6 statistics"):
+        torch.ops.fastface.bn_update_running(rm, rv, nbt, mean, invstd, 3, 1e-5, 1.1, 0.1)
+    with pytest.raises(RuntimeError, match="num_batches_tracked must be one int64"):
+        torch.ops.fastface.bn_update_running(rm, rv, nbt.float(), mean, invstd, 0, 1e-5, 1.1, 0.1)
