@@ -5,12 +5,19 @@ import torch
 
 
 def assert_fast_within_torch_error(fast: torch.Tensor, torch_same: torch.Tensor, ref64: torch.Tensor,
-                                   factor: float = 2.0, floor: float = 1e-6) -> None:
+                                   factor: float = 2.0, floor: float = 1e-6,
+                                   torch_probe: torch.Tensor | None = None) -> None:
     """flash-attention rule: the fast path's error against a float64 reference is at most
-    `factor` x the error of PyTorch in the same dtype (plus a tiny floor for exact cases)."""
+    `factor` x the error of PyTorch in the same dtype (plus a tiny floor for exact cases).
+
+    torch_probe: PyTorch in the same dtype on inputs moved by one rounding. On ill-conditioned draws
+    (a BN over a few values with a large invstd) PyTorch's error is itself a matter of luck, ~1e-7 on
+    one draw and ~1e-5 one ulp away; the bound then takes the larger of the two errors."""
     ref = ref64.to(torch.float64)
     err_fast = (fast.to(torch.float64) - ref).abs().max().item()
     err_torch = (torch_same.to(torch.float64) - ref).abs().max().item()
+    if torch_probe is not None:
+        err_torch = max(err_torch, (torch_probe.to(torch.float64) - ref).abs().max().item())
     scale = max(1.0, ref.abs().max().item())
     assert err_fast <= factor * err_torch + floor * scale, (
         f"fast-path error {err_fast:.3e} > {factor} x torch error {err_torch:.3e} (+ floor {floor * scale:.1e})")
