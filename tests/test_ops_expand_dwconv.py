@@ -82,6 +82,11 @@ def test_grouped_linear_sub_opcheck_and_errors():
     x = torch.randn(2, 6, 3, 4).contiguous(memory_format=torch.channels_last)
     a, c = torch.randn(2, 3, 3), torch.randn(6)
     torch.library.opcheck(torch.ops.fastface.grouped_linear_sub.default, (torch.randn_like(x), x, a, c))
+    x2, y2 = torch.randn(7, 6), torch.randn(7, 6)  # N x C rows as well
+    torch.testing.assert_close(torch.ops.fastface.grouped_linear_sub(y2, x2, a, c),
+                               grouped_linear_sub_reference(y2, x2, a, c), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.ops.fastface.channel_moments(x2, 2)[1], channel_moments_reference(x2, 2)[1],
+                               atol=1e-6, rtol=1e-6)
     with pytest.raises(RuntimeError, match="does not split 6 channels"):
         torch.ops.fastface.grouped_linear_sub(x, x, torch.randn(2, 4, 4), c)
     with pytest.raises(RuntimeError, match="c must be"):

@@ -71,8 +71,11 @@ def channel_moments_reference(x: torch.Tensor, groups: int) -> tuple[torch.Tenso
 
 def grouped_linear_sub_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch: y - x A - c over the channel dim, A block-diagonal from a (groups x ci x ci) (grouped_linear_sub)."""
-    return y - F.conv2d(x, a.transpose(1, 2).reshape(-1, a.shape[1], 1, 1), c, groups=a.shape[0]) if x.dim() == 4 \
-        else y - (x.view(x.shape[0], a.shape[0], -1).transpose(0, 1) @ a).transpose(0, 1).reshape(x.shape) - c
+    groups = a.shape[0]
+    if x.dim() == 4:  # a 1x1 grouped conv whose weight row j of group k is column j of a[k]
+        return y - F.conv2d(x, a.transpose(1, 2).reshape(-1, a.shape[1], 1, 1), c, groups=groups)
+    xa = torch.bmm(x.view(x.shape[0], groups, -1).transpose(0, 1), a)  # groups x N x ci
+    return y - xa.transpose(0, 1).reshape(x.shape) - c
 
 
 def expand_dwconv_kernel_problems(x: torch.Tensor) -> list[str]:
