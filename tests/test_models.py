@@ -329,6 +329,35 @@ def test_expand_dwconv_training_equals_unfused(monkeypatch, split, merge):
         assert any(c[3] > 1 for c in spy.calls)
 
 
+@pytest.mark.parametrize("cpp", [True, False], ids=["cpp", "python"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "cumulative"])
+def test_update_running_stats_matches_batchnorm2d(monkeypatch, cpp, momentum):
+    """The fused path's running-statistics update (the C++ op on the CPU, the Python path on other devices and under
+    compile) leaves float64 BNs where nn.BatchNorm2d's own training forward does, two BNs over one tensor's slices."""
+    import copy
+
+    import fastface.models.mobilenetv2 as mv
+    from fastface._ext import HAS_EXT
+
+    if cpp and not HAS_EXT:
+        pytest.skip("fastface._C not built")
+    if not cpp:
+        monkeypatch.setattr(mv, "has_op", lambda name: False)
+    g = torch.Generator().manual_seed(5)
+    refs = [torch.nn.BatchNorm2d(c, momentum=momentum).double().train() for c in (3, 4)]
+    mine = copy.deepcopy(refs)
+    for step in range(3):
+        x = torch.randn(4, 7, 3, 2, generator=g, dtype=torch.float64) * (step + 1) + step
+        refs[0](x[:, :3])
+        refs[1](x[:, 3:])
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        mv._update_running_stats(mine, mean, torch.rsqrt(var + 1e-5), x.numel() // 7)
+    for a, b in zip(mine, refs):
+        torch.testing.assert_close(a.running_mean, b.running_mean, atol=1e-13, rtol=1e-13)
+        torch.testing.assert_close(a.running_var, b.running_var, atol=1e-13, rtol=1e-13)
+        assert int(a.num_batches_tracked) == 3
+
+
 SEED = 0
 
 

@@ -169,7 +169,7 @@ def _update_running_stats(bns: Sequence[nn.BatchNorm2d], mean: torch.Tensor, inv
             elif bn.track_running_stats and bn.running_mean is not None:
                 bn.num_batches_tracked.add_(1)
                 rm, rv = bn.running_mean, bn.running_var
-                f = bn.momentum if bn.momentum is not None else (1.0 / bn.num_batches_tracked).to(rm.dtype)
+                f = bn.momentum if bn.momentum is not None else bn.num_batches_tracked.to(rm.dtype).reciprocal()
                 if inv_sq is None:  # biased variance + eps of every slice, from invstd = 1/sqrt(var + eps), float64
                     inv_sq = invstd.double().pow(-2)
                 one = len(bns) == 1
