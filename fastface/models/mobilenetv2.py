@@ -159,23 +159,26 @@ def _update_running_stats(bns: Sequence[nn.BatchNorm2d], mean: torch.Tensor, inv
         inv_sq = None
         off = 0
         cpp = mean.device.type == "cpu" and has_op("bn_update_running") and not torch.compiler.is_compiling()
+        if cpp:
+            mean, invstd = mean.contiguous(), invstd.contiguous()
         for bn in bns:
             c = bn.num_features
-            if bn.track_running_stats and bn.running_mean is not None and cpp and bn.running_mean.device.type == "cpu":
-                # One call instead of a dozen tiny ops (their dispatch was ~2 % of a step on 2 threads).
-                torch.ops.fastface.bn_update_running(
-                    bn.running_mean, bn.running_var, bn.num_batches_tracked, mean.contiguous(), invstd.contiguous(),
-                    off, bn.eps, count / (count - 1), -1.0 if bn.momentum is None else bn.momentum)
-            elif bn.track_running_stats and bn.running_mean is not None:
-                bn.num_batches_tracked.add_(1)
+            if bn.track_running_stats and bn.running_mean is not None:
                 rm, rv = bn.running_mean, bn.running_var
-                f = bn.momentum if bn.momentum is not None else bn.num_batches_tracked.to(rm.dtype).reciprocal()
-                if inv_sq is None:  # biased variance + eps of every slice, from invstd = 1/sqrt(var + eps), float64
-                    inv_sq = invstd.double().pow(-2)
-                one = len(bns) == 1
-                var = (inv_sq if one else inv_sq[off:off + c]) - bn.eps
-                rm.lerp_((mean if one else mean[off:off + c]).to(rm.dtype), f)
-                rv.lerp_(var.clamp_min_(0).mul_(count / (count - 1)).to(rv.dtype), f)
+                if cpp and rm.device.type == "cpu":
+                    # One call instead of a dozen tiny ops (their dispatch was ~2 % of a step on 2 threads).
+                    momentum = -1.0 if bn.momentum is None else bn.momentum  # < 0: nn's None, a cumulative average
+                    torch.ops.fastface.bn_update_running(rm, rv, bn.num_batches_tracked, mean, invstd, off, bn.eps,
+                                                         count / (count - 1), momentum)
+                else:
+                    bn.num_batches_tracked.add_(1)
+                    f = bn.momentum if bn.momentum is not None else bn.num_batches_tracked.to(rm.dtype).reciprocal()
+                    if inv_sq is None:  # biased variance + eps of every slice, from invstd = 1/sqrt(var + eps), float64
+                        inv_sq = invstd.double().pow(-2)
+                    one = len(bns) == 1
+                    var = (inv_sq if one else inv_sq[off:off + c]) - bn.eps
+                    rm.lerp_((mean if one else mean[off:off + c]).to(rm.dtype), f)
+                    rv.lerp_(var.clamp_min_(0).mul_(count / (count - 1)).to(rv.dtype), f)
             off += c
 
 
@@ -545,15 +548,12 @@ def _grouped_block_train_bn_act(blocks: Sequence["InvertedResidual"], x: torch.T
         w = torch.cat([b.expand.conv.weight for b in blocks])
         if _expand_dw_fuses(b0.expand, b0.dw, h, w, wd, g):
             z = _expand_dwconv_train([b.expand.bn for b in blocks], h, w, g, wd, c.stride[0])
-            e = None
         else:
             e = F.conv2d(h, w, None, 1, 0, 1, g)
-        if e is None:
-            pass
-        elif _act_dw_fuses(b0.expand, b0.dw, e, wd):
-            z = _bn_act_dwconv_train([b.expand.bn for b in blocks], e, wd, c.stride[0])
-        else:
-            z = _depthwise(_bn_act_train([b.expand.bn for b in blocks], e, None, True), wd, c)
+            if _act_dw_fuses(b0.expand, b0.dw, e, wd):
+                z = _bn_act_dwconv_train([b.expand.bn for b in blocks], e, wd, c.stride[0])
+            else:
+                z = _depthwise(_bn_act_train([b.expand.bn for b in blocks], e, None, True), wd, c)
     else:
         z = _depthwise(h, wd, c)
     h = _bn_act_train([b.dw.bn for b in blocks], z, None, isinstance(b0.dw.act, nn.ReLU6))
@@ -586,13 +586,14 @@ class InvertedResidual(_FoldCacheOwner):
         if (self.training and ex is not None and ex.training and dw.training and _FUSED_TRAIN[-1]
                 and dw._bn_act_fuses() and _eager_cpu(x, ex.conv.weight)):
             # Expand BN + ReLU6 folded into the depthwise conv's input: the activation is never stored.
+            z = None
             if _expand_dw_fuses(ex, dw, x, ex.conv.weight, dw.conv.weight):
                 z = _expand_dwconv_train([ex.bn], x, ex.conv.weight, 1, dw.conv.weight, dw.conv.stride[0])
-                h = _bn_act_train([dw.bn], z, None, isinstance(dw.act, nn.ReLU6))
-                return self._project(h, x)
-            e = ex.conv(x)
-            if _act_dw_fuses(ex, dw, e, dw.conv.weight):
-                z = _bn_act_dwconv_train([ex.bn], e, dw.conv.weight, dw.conv.stride[0])
+            else:
+                e = ex.conv(x)
+                if _act_dw_fuses(ex, dw, e, dw.conv.weight):
+                    z = _bn_act_dwconv_train([ex.bn], e, dw.conv.weight, dw.conv.stride[0])
+            if z is not None:
                 h = _bn_act_train([dw.bn], z, None, isinstance(dw.act, nn.ReLU6))
             else:
                 h = dw(_bn_act_train([ex.bn], e, None, isinstance(ex.act, nn.ReLU6)) if ex._bn_act_fuses() else
@@ -600,9 +601,6 @@ class InvertedResidual(_FoldCacheOwner):
         else:
             h = self.expand(x) if ex is not None else x
             h = self.dw(h)
-        return self._project(h, x)
-
-    def _project(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         p = self.project
         if (self.use_res and self.training and p.training and _FUSED_TRAIN[-1] and p._bn_act_fuses()
                 and isinstance(p.act, nn.Identity) and _eager_cpu(h, p.conv.weight)):
