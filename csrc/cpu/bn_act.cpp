@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "aten_tasks.h"
+#include "layout.h"
 #include "moments.h"
 #include "simd.h"
 
@@ -47,10 +48,6 @@ namespace fastface {
 namespace {
 
 using simd::Vec;
-
-inline bool channels_last(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
 
 // The matrix view: M rows (pixels) x C channels, in NHWC (ChannelsLast) memory order.
 at::Tensor as_nhwc(const at::Tensor& t) {

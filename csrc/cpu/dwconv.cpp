@@ -5,6 +5,8 @@
 
 #include <algorithm>
 
+#include "layout.h"
+
 namespace fastface {
 namespace {
 
@@ -23,12 +25,6 @@ inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a +
 inline int64_t col_lo(int64_t kx, int64_t s, int64_t p) { return std::max<int64_t>(0, -floor_div(kx - p, s)); }
 inline int64_t col_hi(int64_t W, int64_t OW, int64_t kx, int64_t s, int64_t p) {
   return std::max<int64_t>(0, std::min<int64_t>(OW, floor_div(W - 1 + p - kx, s) + 1));
-}
-
-// Output layout rule shared by all fastface kernels: channels_last in, channels_last out
-// (shapes where both layouts coincide count as NCHW).
-inline bool channels_last(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 inline int64_t out_size(int64_t in, int64_t k, int64_t s, int64_t p) { return (in + 2 * p - k) / s + 1; }

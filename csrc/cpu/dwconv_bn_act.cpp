@@ -24,16 +24,13 @@
 
 #include "aten_tasks.h"
 #include "fused_tiles.h"
+#include "layout.h"
 #include "moments.h"
 
 namespace fastface {
 namespace {
 
 using simd::Vec;
-
-inline bool channels_last(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
 
 struct Geo {
   int64_t N, C, H, W, K, S, P, OH, OW;

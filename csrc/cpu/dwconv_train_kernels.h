@@ -35,13 +35,8 @@
 #include <vector>
 
 #include "aten_tasks.h"
+#include "layout.h"
 #include "simd.h"
-
-#if defined(__GNUC__)
-#define FF_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define FF_ALWAYS_INLINE inline
-#endif
 
 namespace fastface {
 namespace dwconv_train {
@@ -50,10 +45,6 @@ using simd::Vec;
 
 constexpr int K = 3;  // the kernel size served (MobileNetV2's); others take ATen's path
 constexpr int NT = K * K;
-
-inline bool channels_last(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
 
 struct Geo {
   int64_t N, C, H, W, OH, OW;

@@ -18,18 +18,13 @@
 #include <vector>
 
 #include "aten_tasks.h"
+#include "layout.h"
 #include "simd.h"
 
 namespace fastface {
 namespace {
 
 using simd::Vec;
-
-#if defined(__GNUC__)
-#define FF_INLINE inline __attribute__((always_inline))
-#else
-#define FF_INLINE inline
-#endif
 
 // Pixels summed in T before their block joins the float64 task sums: short runs of shifted values
 // keep float32 rounding at the level of the data, and the inner loop stays in T's wide vectors.
@@ -39,7 +34,7 @@ constexpr int64_t kBlock = 128;
 // n pixels (d: pitch `pitch`, the group's shifted channels) and then added to gk's rows; with SUM also the
 // block's channel sums (added to sk). R and NV are compile-time so the accumulators stay in registers.
 template <typename T, int NV, int R, bool SUM>
-FF_INLINE void gram_rows(const T* d, int64_t n, int64_t pitch, int64_t i0, int64_t cip, T* gk, T* sk) {
+FF_ALWAYS_INLINE void gram_rows(const T* d, int64_t n, int64_t pitch, int64_t i0, int64_t cip, T* gk, T* sk) {
   using V = Vec<T>;
   constexpr int L = V::L;
   typename V::reg acc[R][NV], sacc[NV];
@@ -195,7 +190,7 @@ void moments_kernel(const T* x, int64_t P, int64_t C, int64_t groups, double* me
 // One pixel's group k: out = y - c - x_k A_k over NV vectors, A's rows outer (one broadcast each), two
 // partial sums per vector so consecutive FMAs do not wait on each other.
 template <typename T, int NV>
-FF_INLINE void linear_sub_group(const T* yk, const T* xk, const T* nak, const T* ck, T* ok, int64_t ci, int64_t cip,
+FF_ALWAYS_INLINE void linear_sub_group(const T* yk, const T* xk, const T* nak, const T* ck, T* ok, int64_t ci, int64_t cip,
                                 typename Vec<T>::mask tail) {
   using V = Vec<T>;
   constexpr int L = V::L;
@@ -276,12 +271,6 @@ void linear_sub_kernel(const T* y, const T* x, const T* a, const T* c, T* out, i
   });
 }
 
-// fastface's layout rule for outputs (ops/_common.py): channels_last when the input is and is not also
-// plain contiguous.
-bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 // x as rows of channels: channels_last 4-D tensors as they are, 2-D (N x C) as they are, others converted.
 at::Tensor rows_of(const at::Tensor& t) {
   return t.dim() == 4 ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous();
@@ -330,7 +319,7 @@ at::Tensor grouped_linear_sub_cpu(const at::Tensor& y_, const at::Tensor& x_, co
     linear_sub_kernel<scalar_t>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
                                 c.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), P, C, groups);
   });
-  return is_channels_last(y_) ? out : out.contiguous();
+  return channels_last(y_) ? out : out.contiguous();
 }
 
 }  // namespace

@@ -22,16 +22,13 @@
 #include <cstdlib>
 
 #include "fused_tiles.h"
+#include "layout.h"
 #include "task_pool.h"
 
 namespace fastface {
 namespace {
 
 using simd::Vec;
-
-inline bool channels_last(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
 
 struct Dims {
   int64_t N, G, Cin, Ce, Cout, H, W, K, S, P, OH, OW;

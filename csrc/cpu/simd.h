@@ -14,6 +14,13 @@
 #include <immintrin.h>
 #endif
 
+// For the kernels' small per-pixel helpers, which must not stay calls (their register arrays would spill).
+#if defined(__GNUC__)
+#define FF_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FF_ALWAYS_INLINE inline
+#endif
+
 namespace fastface {
 namespace simd {
 
