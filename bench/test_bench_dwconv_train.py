@@ -24,6 +24,12 @@ depthwise conv), forward and backward w.r.t. x and every weight:
                   either
 `routed` is the model's choice per map (expand_dwconv where expand_dwconv_pays).
 
+test_dw_bn_act: the same layers' depthwise conv with the BN + ReLU6 after it (expand BN + ReLU6 ->
+depthwise conv -> BN + ReLU6), forward and backward w.r.t. e and every weight:
+- bn_act     BNActDwConvFunction, then bn_act (statistics pass + normalise pass over z)
+- fastface   DwBNActFunction: the conv reduces z's statistics as it writes z (dwconv_forward_stats),
+             then bn_act_apply (one pass over z)
+
 Each round runs every provider once per map, round-robin, inside fastface.ops.cpu_cache (as the
 trainer runs, so none pays page faults); a time is the median over ROUNDS rounds; totals weigh
 each map by its count in the network. Results: bench/results/dwconv_train_cpu.json.
@@ -255,4 +261,54 @@ def test_expand_dwconv(benchmark, maps):
               f"   x{speedup[m]:.2f}   -> {routed[m]}")
     print(f"  network: conv_fastface {total['conv_fastface']:.1f} ms, expand_dwconv {total['expand_dwconv']:.1f} ms, "
           f"routed {total['routed']:.1f} ms (x{total['conv_fastface'] / total['routed']:.2f})")
+    print(f"  saved {path}")
+
+
+def _tail_inputs(shape, stride):
+    gy, e, w, s, gamma, beta = _pair_inputs(shape, stride)
+    g = torch.Generator().manual_seed(3)
+    oh, ow = (shape[2] - 1) // s + 1, (shape[3] - 1) // s + 1
+    gy = torch.randn((shape[0], shape[1], oh, ow), generator=g).contiguous(memory_format=torch.channels_last)
+    return gy, e, w, s, gamma, beta, torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
+
+
+def _tail_bn_act(gy, e, w, s, gamma, beta, g2, b2):
+    from fastface.ops.dwconv_train import BNActDwConvFunction
+
+    ins = [t.detach().requires_grad_() for t in (e, gamma, beta, w, g2, b2)]
+    z, _, _ = BNActDwConvFunction.apply(*ins[:4], s, EPS)
+    y, _, _ = torch.ops.fastface.bn_act(z, ins[4], ins[5], None, EPS, True)
+    torch.autograd.grad(y, ins, gy)
+
+
+def _tail_fastface(gy, e, w, s, gamma, beta, g2, b2):
+    from fastface.ops.dwconv_train import BNActDwConvFunction, DwBNActFunction
+
+    ins = [t.detach().requires_grad_() for t in (e, gamma, beta, w, g2, b2)]
+    y = DwBNActFunction.apply(BNActDwConvFunction, ins[4], ins[5], EPS, *ins[:4], s, EPS)[0]
+    torch.autograd.grad(y, ins, gy)
+
+
+TAIL_PROVIDERS = {"bn_act": _tail_bn_act, "fastface": _tail_fastface}
+
+
+def test_dw_bn_act(benchmark, maps):
+    """Median ms per expand BN + ReLU6 + depthwise conv + BN + ReLU6, forward + backward, per map; totals."""
+    from fastface.ops.dwconv_train import bn_act_dwconv_pays
+
+    tail_maps = {f"{'x'.join(map(str, shape))}/s{s}": (_tail_inputs(shape, s), n) for shape, s, n, ex in LAYERS
+                 if ex and bn_act_dwconv_pays(torch.empty(shape), s)}
+    ms = _rounds(benchmark, tail_maps, TAIL_PROVIDERS)
+    total = {p: sum(ms[m][p] * n for m, (_, n) in tail_maps.items()) for p in TAIL_PROVIDERS}
+    speedup = {m: d["bn_act"] / d["fastface"] for m, d in ms.items()}
+    path = _save("dw_bn_act", {
+        "what": "median ms per expand BN + ReLU6 + depthwise 3x3 conv + BN (batch statistics) + ReLU6, forward + "
+                "backward, channels_last fp32; speedup = bn_act / fastface; total = the face model's layers where "
+                "the expand BN folds into the conv (ms per training step)",
+        "ms": ms, "speedup": speedup, "total_ms": total, "total_speedup": total["bn_act"] / total["fastface"]})
+    print(f"\nexpand BN + ReLU6 + depthwise 3x3 + BN + ReLU6, forward + backward, median ms over {ROUNDS} rounds:")
+    for m, d in ms.items():
+        print(f"  {m:<22} bn_act {d['bn_act']:7.2f}   fastface {d['fastface']:7.2f}   x{speedup[m]:.2f}")
+    print(f"  network: bn_act {total['bn_act']:.1f} ms, fastface {total['fastface']:.1f} ms "
+          f"(x{total['bn_act'] / total['fastface']:.2f})")
     print(f"  saved {path}")

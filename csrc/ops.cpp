@@ -69,11 +69,18 @@ TORCH_LIBRARY(fastface, m) {
   // The batch statistics of bn_act alone (mean, 1/sqrt(biased var + eps) per channel over every dim
   // but 1), for consumers that normalise on the fly (dwconv_forward's prologue). CPU kernel.
   m.def("bn_stats(Tensor x, float eps) -> (Tensor, Tensor)");
+  // bn_act's output with the batch statistics given (reduced by x's producer, dwconv_forward_stats):
+  // act((x - mean) * invstd * gamma + beta), one pass. CPU kernel.
+  m.def("bn_act_apply(Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor invstd, bool relu6) -> Tensor");
   // Depthwise 3 x 3 conv (weight C x 1 x 3 x 3, padding 1, stride 1 or 2, no bias), optionally of
   // a = relu6((x - mean) * scale + beta) (per channel: a training BN + ReLU6 applied on the fly, as
   // bn_act computes it, never stored). CPU kernel (channels_last is its fast layout).
   m.def("dwconv_forward(Tensor x, Tensor weight, int stride, int padding, Tensor? mean=None, Tensor? scale=None, "
         "Tensor? beta=None) -> Tensor");
+  // dwconv_forward and the batch statistics of its output z for a training BN on it (mean, 1/sqrt(biased
+  // var + eps) per channel, as bn_stats computes them), reduced from the outputs as they are written.
+  m.def("dwconv_forward_stats(Tensor x, Tensor weight, int stride, int padding, Tensor? mean=None, "
+        "Tensor? scale=None, Tensor? beta=None, float eps=1e-05) -> (Tensor, Tensor, Tensor)");
   // Its gradients w.r.t. the conv's input (a, or x without the prologue) and its weight, in one
   // pass; with sums=True (prologue only) the first output is g = grad_a behind the ReLU6 mask (the
   // gradient w.r.t. the BN's output) and the third, as float64 2 x C, sum(g) and sum(g * (x - mean)):

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from fastface._ext import HAS_EXT
 from fastface.ops.bn_act import bn_stats_reference
 from fastface.ops.dwconv_train import (
-    BNActDwConvFunction, DwConvFunction, bn_act_dwconv_pays, bn_act_dwconv_reference, dwconv_backward_pays,
-    dwconv_backward_reference, dwconv_forward_reference, dwconv_kernel_problems,
+    BNActDwConvFunction, DwBNActFunction, DwConvFunction, bn_act_dwconv_pays, bn_act_dwconv_reference,
+    dw_bn_act_problems, dwconv_backward_pays, dwconv_backward_reference, dwconv_forward_reference,
+    dwconv_forward_stats_reference, dwconv_kernel_problems,
 )
 
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="fastface._C not built")
@@ -294,8 +295,8 @@ def _fused_and_plain(monkeypatch, function, module, x):
     from fastface.models.mobilenetv2 import fused_train
 
     calls = []
-    real = function.apply
-    monkeypatch.setattr(function, "apply", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    real = function.run  # the stage's forward, alone or under DwBNActFunction
+    monkeypatch.setattr(function, "run", lambda *a, **k: (calls.append(a[0].shape), real(*a, **k))[1])
     plain = module.to(memory_format=torch.channels_last).train()
     fused = copy.deepcopy(plain)
     with fused_train(True):
@@ -361,9 +362,9 @@ def test_model_blocks_with_small_inputs_keep_bn_act_before_the_depthwise_conv(mo
     info = LayerInfo(index=1, kind="block", cin=16, cout=16 if stride == 1 else 24, stride=stride, k=3, hidden=96,
                      expand=True, residual=stride == 1, size_in=size, size_out=(size - 1) // stride + 1)
     x = torch.randn(4, 16, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
-    real = DwConvFunction.apply
+    real = DwConvFunction.run
     dw_calls = []
-    monkeypatch.setattr(DwConvFunction, "apply", lambda *a: (dw_calls.append(a[0].shape), real(*a))[1])
+    monkeypatch.setattr(DwConvFunction, "run", lambda *a, **k: (dw_calls.append(a[0].shape), real(*a, **k))[1])
     calls, plain, fused, y, y_ref = _fused_and_plain(monkeypatch, BNActDwConvFunction, InvertedResidual(info), x)
     assert calls == [] and dw_calls == [(4, 96, size, size)]
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
@@ -372,3 +373,148 @@ def test_model_blocks_with_small_inputs_keep_bn_act_before_the_depthwise_conv(mo
     g_ref = torch.autograd.grad(y_ref, [x, *plain.parameters()], gy)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1.0), rtol=1e-3)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", SHAPES + [(4, 40, 40, 40, 1), (3, 24, 29, 31, 2), (2, 100, 9, 7, 1)], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "bn-relu6"])
+def test_forward_stats_kernel_matches_the_reference(shape, dtype, prologue):
+    """dwconv_forward_stats: z is dwconv_forward's bit for bit; its batch mean and invstd match those of z in float64,
+    also with a large mean (the sums are about a shift taken from the data); tasks and float runs span
+    several rows and images on the larger maps."""
+    _, x, w, s = _inputs(shape, dtype, sum(shape))
+    pro = _pro(x.shape[1], dtype, sum(shape)) if prologue else (None, None, None)
+    for offset in (0.0, 100.0):
+        xo = x + offset if not prologue else x
+        z, mean, invstd = torch.ops.fastface.dwconv_forward_stats(xo, w, s, 1, *pro, 1e-5)
+        assert torch.equal(z, torch.ops.fastface.dwconv_forward(xo, w, s, 1, *pro))
+        assert z.is_contiguous(memory_format=torch.channels_last)
+        z_ref, *_ = dwconv_forward_stats_reference(xo, w, s, 1, *pro)
+        torch.testing.assert_close(z, z_ref, **_tol(dtype))
+        # The statistics of the z written (float64 over its values): the reduction's own error, not z's rounding.
+        mean_ref, invstd_ref = bn_stats_reference(z.double(), 1e-5)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(mean, mean_ref.to(dtype), **tol)
+        torch.testing.assert_close(invstd, invstd_ref.to(dtype), atol=tol["atol"] * invstd_ref.max().item(),
+                                   rtol=tol["rtol"])
+
+
+@needs_ext
+def test_forward_stats_do_not_depend_on_the_thread_count_and_opcheck():
+    _, x, w, s = _inputs((4, 40, 40, 40, 1), torch.float32, 5)
+    pro = _pro(40, torch.float32, 5)
+    one = torch.ops.fastface.dwconv_forward_stats(x, w, s, 1, *pro, 1e-5)
+    torch.set_num_threads(2)
+    two = torch.ops.fastface.dwconv_forward_stats(x, w, s, 1, *pro, 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    _, x, w, s = _inputs((2, 6, 7, 7, 2), torch.float64, 1)
+    torch.library.opcheck(torch.ops.fastface.dwconv_forward_stats.default, (x, w, s, 1, *_pro(6, torch.float64, 1),
+                                                                            1e-5))
+    with pytest.raises(RuntimeError, match="eps must be >= 0"):
+        torch.ops.fastface.dwconv_forward_stats(x, w, s, 1, None, None, None, -1.0)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(5, 17, 13, 13), (2, 40, 7, 6), (1, 3, 1, 1), (3, 70, 30, 30)], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("relu6", [True, False], ids=["relu6", "linear"])
+def test_bn_act_apply_is_bn_acts_output_given_its_statistics(shape, dtype, relu6):
+    from fastface.ops.bn_act import bn_act_apply_reference
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    gamma = (torch.rand(shape[1], generator=g, dtype=torch.float64) * 3 + 0.5).to(dtype)
+    beta = (torch.randn(shape[1], generator=g, dtype=torch.float64) * 2 + 2).to(dtype)
+    y, mean, invstd = torch.ops.fastface.bn_act(x, gamma, beta, None, 1e-5, relu6)
+    got = torch.ops.fastface.bn_act_apply(x, gamma, beta, mean, invstd, relu6)
+    assert torch.equal(got, y) and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, bn_act_apply_reference(x, gamma, beta, mean, invstd, relu6), **_tol(dtype))
+    torch.library.opcheck(torch.ops.fastface.bn_act_apply.default, (x, gamma, beta, mean, invstd, relu6))
+    with pytest.raises(RuntimeError, match="mean and invstd must have C"):
+        torch.ops.fastface.bn_act_apply(x, gamma, beta, mean[:-1], invstd, relu6)
+
+
+def _stage_case(stage, shape, dtype, seed):
+    """(inputs, plain z function) of a depthwise stage: DwConvFunction, BNActDwConvFunction, ExpandDwConvFunction."""
+    from fastface.ops.expand_dwconv import ExpandDwConvFunction, expand_dwconv_reference
+
+    n, c, h, w, s = shape
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *sz: torch.randn(*sz, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    cl = torch.channels_last
+    wd = r(c, 1, 3, 3)
+    if stage is DwConvFunction:
+        return (r(n, c, h, w).contiguous(memory_format=cl), wd, s, 1), lambda x, w_, *_: F.conv2d(x, w_, None, s, 1,
+                                                                                                  1, c)
+    gamma, beta = (r(c).abs() + 0.5), r(c)
+    if stage is BNActDwConvFunction:
+        e = (r(n, c, h, w) * 2 + 0.5).contiguous(memory_format=cl)
+        return (e, gamma, beta, wd, s, 1e-5), lambda *a: bn_act_dwconv_reference(*a[:4], s, 1e-5)[0]
+    assert stage is ExpandDwConvFunction
+    cin = 5
+    x = r(n, cin, h, w).contiguous(memory_format=cl)
+    we = r(c, cin, 1, 1)
+    return (x, we, 1, gamma, beta, wd, s, 1e-5), lambda *a: expand_dwconv_reference(a[0], a[1], 1, a[3], a[4], a[5], s,
+                                                                                     1e-5)[0]
+
+
+def _stages():
+    from fastface.ops.expand_dwconv import ExpandDwConvFunction
+
+    return [DwConvFunction, BNActDwConvFunction, ExpandDwConvFunction]
+
+
+@needs_ext
+@pytest.mark.parametrize("stage", _stages(), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("shape", [(4, 24, 15, 15, 1), (3, 40, 12, 11, 2), (2, 17, 7, 7, 1)], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_dw_bn_act_function_matches_the_plain_ops(stage, shape, dtype):
+    """relu6(BN(stage(...))) through DwBNActFunction: output, batch statistics and every gradient against the
+    stage's plain PyTorch definition -> batch_norm -> relu6 by autograd."""
+    from fastface.ops.bn_act import bn_act_reference
+
+    inputs, plain = _stage_case(stage, shape, dtype, sum(shape))
+    diff = [i for i, t in enumerate(inputs) if torch.is_tensor(t)]
+    c = shape[1]
+    g = torch.Generator().manual_seed(1)
+    gamma = (torch.rand(c, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype).requires_grad_()
+    beta = (torch.randn(c, generator=g, dtype=torch.float64) + 1).to(dtype).requires_grad_()
+    ins = [t.clone().requires_grad_() if i in diff else t for i, t in enumerate(inputs)]
+    refs = [t.clone().requires_grad_() if i in diff else t for i, t in enumerate(inputs)]
+    y, mean, invstd, *stats = DwBNActFunction.apply(stage, gamma, beta, 1e-5, *ins)
+    g2, b2 = gamma.detach().clone().requires_grad_(), beta.detach().clone().requires_grad_()
+    y_ref, mean_ref, invstd_ref = bn_act_reference(plain(*refs), g2, b2, None, 1e-5, True)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+    for a, b in ((y, y_ref), (mean, mean_ref), (invstd, invstd_ref)):
+        torch.testing.assert_close(a, b, **tol)
+    assert len(stats) == (0 if stage is DwConvFunction else 2)
+    gy = torch.randn_like(y_ref)
+    got = torch.autograd.grad(y, [gamma, beta, *[ins[i] for i in diff]], gy)
+    want = torch.autograd.grad(y_ref, [g2, b2, *[refs[i] for i in diff]], gy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=tol["atol"] * max(b.abs().max().item(), 1.0), rtol=tol["rtol"] * 10)
+
+
+@needs_ext
+@pytest.mark.parametrize("stage", _stages(), ids=lambda f: f.__name__)
+def test_dw_bn_act_function_gradcheck(stage):
+    inputs, _ = _stage_case(stage, (2, 5, 7, 7, 2), torch.float64, 3)
+    diff = [i for i, t in enumerate(inputs) if torch.is_tensor(t)]
+    gamma = torch.rand(5, dtype=torch.float64) + 0.5
+    beta = torch.randn(5, dtype=torch.float64) + 1
+
+    def f(gm, bt, *ts):
+        args = list(inputs)
+        for i, t in zip(diff, ts):
+            args[i] = t
+        return DwBNActFunction.apply(stage, gm, bt, 1e-5, *args)[0]
+
+    args = [t.clone().requires_grad_() for t in (gamma, beta, *[inputs[i] for i in diff])]
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_dw_bn_act_problems_name_the_layout():
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    assert "channels_last" in " ".join(dw_bn_act_problems(x, torch.randn(4, 1, 3, 3, dtype=torch.float64), 1))

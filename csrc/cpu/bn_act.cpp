@@ -331,6 +331,10 @@ void dispatch_flags(bool res, bool rb, bool relu6, F&& f) {
 
 // ---- forward ------------------------------------------------------------------------------
 
+template <typename T>
+void apply_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gamma, const T* beta, const T* mean_in,
+                  const T* invstd_in, bool relu6, T* y, const simd::Padded<T>* rk);
+
 // rk (bn_add_act): the residual's own BN as three padded rows (mean, scale = invstd * gamma, beta).
 template <typename T>
 void forward_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gamma, const T* beta, double eps,
@@ -387,18 +391,27 @@ void forward_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gam
 
   std::vector<double> mu, m2;
   const double cnt = merge_task_moments(sp.ntasks, C, tmean, tm2, tcount, mu, m2);
-  simd::Padded<T> k(C, 3);
-  T* meanP = k[0];
-  T* scaleP = k[1];
-  T* betaP = k[2];
   for (int64_t c = 0; c < C; ++c) {
     mean_out[c] = T(mu[size_t(c)]);
     invstd_out[c] = T(1.0 / std::sqrt(m2[size_t(c)] / cnt + eps));
   }
   if (y == nullptr) return;  // statistics only (bn_stats)
+  apply_kernel<T>(M, C, x, res, gamma, beta, mean_out, invstd_out, relu6, y, rk);
+}
+
+// y = act((x - mean) * (invstd * gamma) + beta [+ res]) with the statistics given: forward_kernel's second pass.
+template <typename T>
+void apply_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gamma, const T* beta, const T* mean_in,
+                  const T* invstd_in, bool relu6, T* y, const simd::Padded<T>* rk) {
+  const Split sp = split_rows<T>(M, C);
+  const int64_t pf = prefetch_rows<T>(M, C);
+  simd::Padded<T> k(C, 3);
+  T* meanP = k[0];
+  T* scaleP = k[1];
+  T* betaP = k[2];
   for (int64_t c = 0; c < C; ++c) {
-    meanP[c] = mean_out[c];
-    scaleP[c] = invstd_out[c] * gamma[c];
+    meanP[c] = mean_in[c];
+    scaleP[c] = invstd_in[c] * gamma[c];
     betaP[c] = beta[c];
   }
 
@@ -437,6 +450,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cpu(const at::Tensor& x_, 
                              y.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>());
   });
   return {(cl || x_.dim() != 4) ? y : y.contiguous(), mean, invstd};
+}
+
+// bn_act with its statistics given (a producer reduced them as it wrote x: dwconv_forward_stats): y alone.
+at::Tensor bn_act_apply_cpu(const at::Tensor& x_, const at::Tensor& gamma_, const at::Tensor& beta_,
+                            const at::Tensor& mean_, const at::Tensor& invstd_, bool relu6) {
+  const int64_t M = check_args("bn_act_apply", x_, gamma_, beta_, c10::nullopt);
+  const int64_t C = x_.size(1);
+  TORCH_CHECK(mean_.dim() == 1 && mean_.size(0) == C && invstd_.dim() == 1 && invstd_.size(0) == C,
+              "bn_act_apply: mean and invstd must have C = ", C, " entries, got ", mean_.sizes(), " and ",
+              invstd_.sizes());
+  TORCH_CHECK(mean_.scalar_type() == x_.scalar_type() && invstd_.scalar_type() == x_.scalar_type(),
+              "bn_act_apply: dtypes differ (x is ", x_.scalar_type(), ")");
+  const bool cl = channels_last(x_);
+  at::Tensor x = as_nhwc(x_);
+  at::Tensor gamma = gamma_.contiguous(), beta = beta_.contiguous(), mean = mean_.contiguous(),
+             invstd = invstd_.contiguous();
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_apply_cpu", [&] {
+    apply_kernel<scalar_t>(M, C, x.data_ptr<scalar_t>(), nullptr, gamma.data_ptr<scalar_t>(),
+                           beta.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), relu6,
+                           y.data_ptr<scalar_t>(), nullptr);
+  });
+  return (cl || x_.dim() != 4) ? y : y.contiguous();
 }
 
 // The batch statistics alone: bn_act's first pass, for a consumer that normalises on the fly.
@@ -714,6 +750,7 @@ TORCH_LIBRARY_IMPL(fastface, CPU, m) {
   m.impl("bn_add_act_backward", &bn_add_act_backward_cpu);
   m.impl("bn_act_backward_sums", &bn_act_backward_sums_cpu);
   m.impl("bn_act", &bn_act_cpu);
+  m.impl("bn_act_apply", &bn_act_apply_cpu);
   m.impl("bn_act_backward", &bn_act_backward_cpu);
   m.impl("bn_stats", &bn_stats_cpu);
 }

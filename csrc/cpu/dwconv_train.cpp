@@ -6,9 +6,11 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "dwconv_train_kernels.h"
+#include "moments.h"
 
 namespace fastface {
 namespace {
@@ -71,11 +73,58 @@ at::Tensor dwconv_forward_cpu(const at::Tensor& x_, const at::Tensor& weight, in
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_forward_cpu", [&] {
     const Consts<scalar_t> cst(weight, mean, scale, beta, G.C);
     dispatch_geometry(stride, scale.has_value() ? kPrologue : kNoPrologue, [&](auto S, auto FL) {
-      forward_kernel<scalar_t, decltype(S)::value, decltype(FL)::value != kNoPrologue>(
-          G, x.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), cst);
+      forward_kernel<scalar_t, decltype(S)::value, decltype(FL)::value != kNoPrologue, false>(
+          G, x.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), cst, nullptr);
     });
   });
   return channels_last(x_) ? z : z.contiguous();
+}
+
+// dwconv_forward and the batch statistics of its output z (mean, 1 / sqrt(biased var + eps) per channel, as
+// bn_stats computes them), reduced from the outputs while they are in registers: no pass over z.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_forward_stats_cpu(const at::Tensor& x_, const at::Tensor& weight,
+                                                                        int64_t stride, int64_t padding,
+                                                                        const Opt& mean, const Opt& scale,
+                                                                        const Opt& beta, double eps) {
+  const Geo G = check_args("dwconv_forward_stats", x_, weight, stride, padding, mean, scale, beta);
+  TORCH_CHECK(eps >= 0, "dwconv_forward_stats: eps must be >= 0, got ", eps);
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor x = x_.contiguous(cl);
+  at::Tensor z = at::empty({G.N, G.C, G.OH, G.OW}, x.options().memory_format(cl));
+  at::Tensor z_mean = at::empty({G.C}, x.options()), z_invstd = at::empty({G.C}, x.options());
+  const int64_t rows = G.N * G.OH, per = task_rows(rows, G.OW * G.C * int64_t(x.element_size()));
+  const int64_t ntasks = (rows + per - 1) / per, C = G.C;
+  std::vector<double> tsum(size_t(ntasks * C)), tsq(size_t(ntasks * C));
+  std::vector<int64_t> tcount(static_cast<size_t>(ntasks), 0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_forward_stats_cpu", [&] {
+    using T = scalar_t;
+    const Consts<T> cst(weight, mean, scale, beta, C);
+    std::vector<T> tshift(size_t(ntasks * C));
+    const ZStats<T> zs{tsum.data(), tsq.data(), tshift.data(), tcount.data()};
+    dispatch_geometry(stride, scale.has_value() ? kPrologue : kNoPrologue, [&](auto S, auto FL) {
+      forward_kernel<T, decltype(S)::value, decltype(FL)::value != kNoPrologue, true>(
+          G, x.data_ptr<T>(), z.data_ptr<T>(), cst, &zs);
+    });
+    // Per task: mean = shift + sum / n, M2 = sumsq - sum^2 / n; then Chan's merge in task order.
+    std::vector<double> tmean(size_t(ntasks * C)), tm2(size_t(ntasks * C));
+    for (int64_t t = 0; t < ntasks; ++t) {
+      const double n = double(tcount[size_t(t)]);
+      for (int64_t c = 0; c < C; ++c) {
+        const size_t i = size_t(t * C + c);
+        tmean[i] = double(tshift[i]) + tsum[i] / n;
+        tm2[i] = std::max(0.0, tsq[i] - tsum[i] * tsum[i] / n);
+      }
+    }
+    std::vector<double> mu, m2;
+    const double cnt = merge_task_moments(ntasks, C, tmean, tm2, tcount, mu, m2);
+    T* mo = z_mean.data_ptr<T>();
+    T* io = z_invstd.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      mo[c] = T(mu[size_t(c)]);
+      io[c] = T(1.0 / std::sqrt(m2[size_t(c)] / cnt + eps));
+    }
+  });
+  return {channels_last(x_) ? z : z.contiguous(), z_mean, z_invstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward_cpu(const at::Tensor& grad_out_, const at::Tensor& x_,
@@ -115,6 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward_cpu(const at::Ten
 
 TORCH_LIBRARY_IMPL(fastface, CPU, m) {
   m.impl("dwconv_forward", &dwconv_forward_cpu);
+  m.impl("dwconv_forward_stats", &dwconv_forward_stats_cpu);
   m.impl("dwconv_backward", &dwconv_backward_cpu);
 }
 

@@ -6,7 +6,9 @@
 // stored: the forward applies it to each input row as it buffers it, the backward recomputes it.
 //
 // Forward: per (band of output rows, channel vector) the input rows are activated once into a small
-// ring of zero-padded rows (three rows of W + 2 vectors, in L1), so every tap is a plain load.
+// ring of zero-padded rows (three rows of W + 2 vectors, in L1), so every tap is a plain load. On request
+// (STATS, dwconv_forward_stats) it also reduces the batch statistics of z from the registers it writes z
+// from, for the training BN that follows the conv in a block (see ZStats).
 //
 // Backward: grad_x[iy, ix] = sum of grad_out[oy, ox] * w[ky, kx] and grad_w[ky, kx] = sum of
 // grad_out[oy, ox] * a[iy, ix] pair the same grad_out value with the same input pixel, so one gather
@@ -169,7 +171,7 @@ void fill_row(T* slot, const T* xr, int64_t W, int64_t C, const Consts<T>& cst) 
 
 // One output pixel at one channel vector from the three ring rows (padded: ox * S + kx is in range).
 template <typename T, int S, int MODE>
-FF_ALWAYS_INLINE void out_pixel(const T* const* rows, T* zp, int64_t ox, const VecConsts<T>& k) {
+FF_ALWAYS_INLINE typename Vec<T>::reg out_pixel(const T* const* rows, T* zp, int64_t ox, const VecConsts<T>& k) {
   using V = Vec<T>;
   constexpr int L = V::L;
   auto acc = V::zero();
@@ -180,10 +182,38 @@ FF_ALWAYS_INLINE void out_pixel(const T* const* rows, T* zp, int64_t ox, const V
     for (int kx = 0; kx < K; ++kx) acc = V::fmadd(V::load(p + kx * L), k.w[ky * K + kx], acc);
   }
   store<T, MODE>(zp, acc, k.m);
+  return acc;
 }
 
-template <typename T, int S, bool PRO>
-void forward_kernel(const Geo& G, const T* x, T* z, const Consts<T>& cst) {
+// A row's OW output pixels at one channel vector; with STATS also their sum and sum of squares about the
+// shift kv, added to s and q (in registers: the outputs are never read back for the batch statistics).
+template <typename T, int S, int MODE, bool STATS>
+FF_ALWAYS_INLINE void out_row(const T* const* rows, T* zo, int64_t OW, int64_t C, const VecConsts<T>& k,
+                              typename Vec<T>::reg kv, typename Vec<T>::reg& s, typename Vec<T>::reg& q) {
+  using V = Vec<T>;
+  for (int64_t ox = 0; ox < OW; ++ox) {
+    const auto a = out_pixel<T, S, MODE>(rows, zo + ox * C, ox, k);
+    if (STATS) {
+      const auto d = V::sub(a, kv);
+      s = V::add(s, d);
+      q = V::fmadd(d, d, q);
+    }
+  }
+}
+
+// The forward's batch statistics of z (STATS): per task, float sums over each output row about a per-channel
+// shift (the task's first output pixel, then its first row's mean: a value of the data, so the sums stay of the
+// order of the spread), added to float64 sums; tasks merged in task order as bn_act merges its chunks.
+template <typename T>
+struct ZStats {
+  double* sum;    // ntasks x C: sum of (z - shift)
+  double* sumsq;  // ntasks x C: sum of (z - shift)^2
+  T* shift;       // ntasks x C
+  int64_t* count; // ntasks
+};
+
+template <typename T, int S, bool PRO, bool STATS>
+void forward_kernel(const Geo& G, const T* x, T* z, const Consts<T>& cst, const ZStats<T>* zs) {
   using V = Vec<T>;
   constexpr int L = V::L;
   const int64_t C = G.C, W = G.W, rows = G.N * G.OH, row_bytes = G.OW * C * int64_t(sizeof(T));
@@ -191,11 +221,23 @@ void forward_kernel(const Geo& G, const T* x, T* z, const Consts<T>& cst) {
   const int64_t nv = cst.Cp / L, full = C / L, vpitch = (W + 2) * L, spitch = nv * vpitch;
   const bool nt = simd::stream_ok(z, rows * G.OW, C, simd::kStreamBytes);
   for_tasks(rows * G.OW * C, ntasks, [&](int64_t t) {
-    T* ring = simd::scratch<T, 8>(size_t(4 * spitch));
+    T* ring = simd::scratch<T, 8>(size_t(4 * spitch + (STATS ? 3 * cst.Cp : 0)));
     T* zero_slot = ring + 3 * spitch;
     std::fill(zero_slot, zero_slot + spitch, T(0));
+    // STATS: the shift, and the current row's float sums of (z - shift) and its square, a padded row each.
+    T* kk = ring + 4 * spitch;
+    T* ss = kk + cst.Cp;
+    T* qq = ss + cst.Cp;
+    double* dsum = STATS ? zs->sum + t * C : nullptr;
+    double* dsq = STATS ? zs->sumsq + t * C : nullptr;
+    if (STATS) {
+      std::fill(kk, kk + 3 * cst.Cp, T(0));
+      std::fill(dsum, dsum + C, 0.0);
+      std::fill(dsq, dsq + C, 0.0);
+    }
     int64_t held[K] = {-1, -1, -1};  // which input row (n * H + iy) each ring slot holds
-    for (int64_t r = t * per; r < std::min(rows, (t + 1) * per); ++r) {
+    const int64_t r0 = t * per, r1 = std::min(rows, (t + 1) * per);
+    for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / G.OH, oy = r % G.OH;
       const T* slots[K];
       for (int ky = 0; ky < K; ++ky) {
@@ -212,38 +254,87 @@ void forward_kernel(const Geo& G, const T* x, T* z, const Consts<T>& cst) {
         }
         slots[ky] = slot;
       }
+      if (STATS && r == r0) {  // the shift: the task's first output pixel, computed once more into kk
+        for (int64_t v = 0; v < nv; ++v) {
+          const VecConsts<T> k = cst.at(v * L, C);
+          const T* rv[K] = {slots[0] + v * vpitch, slots[1] + v * vpitch, slots[2] + v * vpitch};
+          out_pixel<T, S, kMasked>(rv, kk + v * L, 0, k);
+        }
+      }
       T* zr = z + r * G.OW * C;
       int64_t v = 0;
       // Two vectors per sweep over the row's pixels: z is written a 128-byte run per pixel (see pixel).
       for (; v + 2 <= full; v += 2) {
         const VecConsts<T> k0 = cst.at(v * L, C), k1 = cst.at((v + 1) * L, C);
-        const T* r0[K] = {slots[0] + v * vpitch, slots[1] + v * vpitch, slots[2] + v * vpitch};
-        const T* r1[K] = {r0[0] + vpitch, r0[1] + vpitch, r0[2] + vpitch};
+        const T* ra[K] = {slots[0] + v * vpitch, slots[1] + v * vpitch, slots[2] + v * vpitch};
+        const T* rb[K] = {ra[0] + vpitch, ra[1] + vpitch, ra[2] + vpitch};
         T* zo = zr + v * L;
+        auto s0 = V::zero(), q0 = V::zero(), s1 = V::zero(), q1 = V::zero(), kv0 = V::zero(), kv1 = V::zero();
+        if (STATS) {
+          s0 = V::load(ss + v * L), q0 = V::load(qq + v * L), kv0 = V::load(kk + v * L);
+          s1 = V::load(ss + v * L + L), q1 = V::load(qq + v * L + L), kv1 = V::load(kk + v * L + L);
+        }
         if (nt) {
           for (int64_t ox = 0; ox < G.OW; ++ox) {
-            out_pixel<T, S, kStream>(r0, zo + ox * C, ox, k0);
-            out_pixel<T, S, kStream>(r1, zo + ox * C + L, ox, k1);
+            const auto a0 = out_pixel<T, S, kStream>(ra, zo + ox * C, ox, k0);
+            const auto a1 = out_pixel<T, S, kStream>(rb, zo + ox * C + L, ox, k1);
+            if (STATS) {
+              const auto d0 = V::sub(a0, kv0), d1 = V::sub(a1, kv1);
+              s0 = V::add(s0, d0), q0 = V::fmadd(d0, d0, q0), s1 = V::add(s1, d1), q1 = V::fmadd(d1, d1, q1);
+            }
           }
         } else {
           for (int64_t ox = 0; ox < G.OW; ++ox) {
-            out_pixel<T, S, kPlain>(r0, zo + ox * C, ox, k0);
-            out_pixel<T, S, kPlain>(r1, zo + ox * C + L, ox, k1);
+            const auto a0 = out_pixel<T, S, kPlain>(ra, zo + ox * C, ox, k0);
+            const auto a1 = out_pixel<T, S, kPlain>(rb, zo + ox * C + L, ox, k1);
+            if (STATS) {
+              const auto d0 = V::sub(a0, kv0), d1 = V::sub(a1, kv1);
+              s0 = V::add(s0, d0), q0 = V::fmadd(d0, d0, q0), s1 = V::add(s1, d1), q1 = V::fmadd(d1, d1, q1);
+            }
           }
+        }
+        if (STATS) {
+          V::store(ss + v * L, s0), V::store(qq + v * L, q0);
+          V::store(ss + v * L + L, s1), V::store(qq + v * L + L, q1);
         }
       }
       for (; v < nv; ++v) {
         const VecConsts<T> k = cst.at(v * L, C);
         const T* rv[K] = {slots[0] + v * vpitch, slots[1] + v * vpitch, slots[2] + v * vpitch};
         T* zo = zr + v * L;
-        if (v >= full) {
-          for (int64_t ox = 0; ox < G.OW; ++ox) out_pixel<T, S, kMasked>(rv, zo + ox * C, ox, k);
-        } else if (nt) {
-          for (int64_t ox = 0; ox < G.OW; ++ox) out_pixel<T, S, kStream>(rv, zo + ox * C, ox, k);
-        } else {
-          for (int64_t ox = 0; ox < G.OW; ++ox) out_pixel<T, S, kPlain>(rv, zo + ox * C, ox, k);
+        auto sv = V::zero(), qv = V::zero(), kv = V::zero();
+        if (STATS) sv = V::load(ss + v * L), qv = V::load(qq + v * L), kv = V::load(kk + v * L);
+        if (v >= full)
+          out_row<T, S, kMasked, STATS>(rv, zo, G.OW, C, k, kv, sv, qv);
+        else if (nt)
+          out_row<T, S, kStream, STATS>(rv, zo, G.OW, C, k, kv, sv, qv);
+        else
+          out_row<T, S, kPlain, STATS>(rv, zo, G.OW, C, k, kv, sv, qv);
+        if (STATS) V::store(ss + v * L, sv), V::store(qq + v * L, qv);
+      }
+      if (STATS) {
+        for (int64_t c = 0; c < C; ++c) {  // (vectorised by the compiler)
+          dsum[c] += double(ss[c]);
+          dsq[c] += double(qq[c]);
+        }
+        std::fill(ss, ss + 2 * cst.Cp, T(0));
+        if (r == r0) {
+          // Re-shift to the first row's mean (rounded to T): one pixel may lie a few standard deviations from
+          // the mean, and sumsq - sum^2 / n then cancels that much; the float64 sums move exactly with it.
+          const double n = double(G.OW);
+          for (int64_t c = 0; c < C; ++c) {
+            const T k1 = T(double(kk[c]) + dsum[c] / n);
+            const double d = double(k1) - double(kk[c]);
+            dsq[c] += d * (n * d - 2.0 * dsum[c]);
+            dsum[c] -= n * d;
+            kk[c] = k1;
+          }
         }
       }
+    }
+    if (STATS) {
+      std::copy(kk, kk + C, zs->shift + t * C);
+      zs->count[t] = (r1 - r0) * G.OW;
     }
     if (nt) simd::stream_fence();
   });
@@ -492,8 +583,14 @@ void backward_kernel(const Geo& G, const T* gy, const T* x, T* gx, const Consts<
 
 // The kernels one translation unit instantiates (EXTERN empty) or every other one takes from there (EXTERN extern).
 #define FASTFACE_DWCONV_TRAIN_KERNELS(EXTERN, T, S)                                                        \
-  EXTERN template void forward_kernel<T, S, false>(const Geo&, const T*, T*, const Consts<T>&);            \
-  EXTERN template void forward_kernel<T, S, true>(const Geo&, const T*, T*, const Consts<T>&);             \
+  EXTERN template void forward_kernel<T, S, false, false>(const Geo&, const T*, T*, const Consts<T>&,      \
+                                                          const ZStats<T>*);                               \
+  EXTERN template void forward_kernel<T, S, true, false>(const Geo&, const T*, T*, const Consts<T>&,       \
+                                                         const ZStats<T>*);                                \
+  EXTERN template void forward_kernel<T, S, false, true>(const Geo&, const T*, T*, const Consts<T>&,       \
+                                                         const ZStats<T>*);                                \
+  EXTERN template void forward_kernel<T, S, true, true>(const Geo&, const T*, T*, const Consts<T>&,        \
+                                                        const ZStats<T>*);                                 \
   EXTERN template void backward_kernel<T, S, kNoPrologue>(const Geo&, const T*, const T*, T*, const Consts<T>&, \
                                                           double*);                                        \
   EXTERN template void backward_kernel<T, S, kPrologue>(const Geo&, const T*, const T*, T*, const Consts<T>&,   \

@@ -31,7 +31,9 @@ Fused paths (fastface.ops; each computes the same function as the plain modules,
   (`BNActDwConvFunction`: the expanded activation is never stored; on maps where it pays, with
   the expand conv too, `ExpandDwConvFunction`: the BN's statistics and backward from the 1x1
   conv's algebra, no pass over the expanded map), other depthwise convs run
-  `DwConvFunction` (fastface's C++ kernels where they were measured faster), and a GDC head's
+  `DwConvFunction` (fastface's C++ kernels where they were measured faster); the depthwise BN +
+  ReLU6 after any of them is `DwBNActFunction` where the C++ forward runs (its batch statistics reduced
+  by the conv as it writes its output: one pass over that output instead of two), and a GDC head's
   global depthwise conv is one weighted sum per channel. Channels_last tensors only (NCHW: the
   plain modules).
 - training elsewhere (GPU, torch.compile, or `cpu_bn_act(False)`): a depthwise ConvBNAct whose BN
@@ -63,7 +65,8 @@ from fastface.arch import ArchSpec, LayerInfo
 from fastface.models.heads import GDCHead, PoolHead, make_head
 from fastface.ops import bn_act, bn_add_act, conv_bias_act, dwconv_bn_act, ir_block, pack_conv_weight, pack_ir_weights
 from fastface.ops.dispatch import forced_backend
-from fastface.ops.dwconv_train import BNActDwConvFunction, DwConvFunction, bn_act_dwconv_pays, dwconv_kernel_problems
+from fastface.ops.dwconv_train import (BNActDwConvFunction, DwBNActFunction, DwConvFunction, bn_act_dwconv_pays,
+                                       dw_bn_act_problems, dwconv_forward_pays, dwconv_kernel_problems)
 from fastface.ops.expand_dwconv import ExpandDwConvFunction, expand_dwconv_pays, expand_dwconv_problems
 
 
@@ -320,8 +323,11 @@ class ConvBNAct(_FoldCacheOwner):
         A channels_last depthwise conv takes its gradients from DwConvFunction (fastface's one-pass C++
         backward where it pays)."""
         c = self.conv
+        relu6 = isinstance(self.act, nn.ReLU6)
+        if c.groups == c.in_channels == c.out_channels and residual is None:
+            return _dw_bn_act_train(x, c.weight, c, [self.bn], relu6)
         z = _depthwise(x, c.weight, c) if c.groups == c.in_channels == c.out_channels else c(x)
-        return _bn_act_train([self.bn], z, residual, isinstance(self.act, nn.ReLU6))
+        return _bn_act_train([self.bn], z, residual, relu6)
 
     def _fuses_dw(self) -> bool:
         """Whether forward_fused computes this module's training forward exactly."""
@@ -361,6 +367,37 @@ def _depthwise(x: torch.Tensor, weight: torch.Tensor, c: nn.Conv2d) -> torch.Ten
     return c._conv_forward(x, weight, c.bias)  # its padding_mode (weight is then c's own)
 
 
+def _dw_bn_act_train(x: torch.Tensor, weight: torch.Tensor, c: nn.Conv2d, dw_bns: Sequence[nn.BatchNorm2d],
+                     relu6: bool) -> torch.Tensor:
+    """act(BN_dw(depthwise conv c of x)) in training (weight: c's own or several branches' concatenated): under
+    DwBNActFunction where it takes them (_dw_bn_act_fuses), else _depthwise then bn_act."""
+    if _dw_bn_act_fuses(relu6, x, weight, c):
+        return _stage_bn_act_train(DwConvFunction, (x, weight, c.stride[0], 1), None, 0, dw_bns)
+    return _bn_act_train(dw_bns, _depthwise(x, weight, c), None, relu6)
+
+
+def _dw_bn_act_fuses(relu6: bool, x: torch.Tensor, weight: torch.Tensor, c: nn.Conv2d) -> bool:
+    """Whether DwBNActFunction takes a training BN + ReLU6 after DwConvFunction's conv `c` of x (channels_last,
+    3 x 3, padding 1, stride 1 or 2, no bias, the C++ forward serving and paying on x: dwconv_forward_pays)."""
+    return (relu6 and c.bias is None and c.dilation == (1, 1) and c.padding_mode == "zeros" and c.kernel_size == (3, 3)
+            and c.padding == (1, 1) and c.stride[0] == c.stride[1] and not dw_bn_act_problems(x, weight, c.stride[0])
+            and dwconv_forward_pays(x, c.stride[0]))
+
+
+def _stage_bn_act_train(stage: type, inputs: tuple, stage_bns: Sequence[nn.BatchNorm2d] | None, stage_count: int,
+                        dw_bns: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
+    """relu6(BN_dw(z)) in training through DwBNActFunction, z = stage(*inputs); the running statistics of the dw
+    BNs, and of the stage's own BNs (stage_bns, over stage_count values a channel) when it has them, updated as
+    nn.BatchNorm2d does."""
+    g, b = _affine(dw_bns)
+    y, mean, invstd, *stats = DwBNActFunction.apply(stage, g, b, dw_bns[0].eps, *inputs)
+    if dw_bns[0].training:
+        _update_running_stats(dw_bns, mean, invstd, _check_batch(y.shape))
+    if stage_bns and stage_bns[0].training:
+        _update_running_stats(stage_bns, stats[0], stats[1], stage_count)
+    return y
+
+
 def _act_dw_fuses(expand: "ConvBNAct", dw: "ConvBNAct", e: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether _bn_act_dwconv_train computes act(bn(e)) -> dw's conv exactly here: an expand BN (batch statistics)
     with ReLU6, a 3 x 3 depthwise conv (padding 1, stride 1 or 2, no bias; `weight` its own or several branches'
@@ -379,16 +416,19 @@ def _act_dw_modules_fuse(expand: "ConvBNAct", dw: "ConvBNAct") -> bool:
 
 
 def _bn_act_dwconv_train(bns: Sequence[nn.BatchNorm2d], e: torch.Tensor, weight: torch.Tensor,
-                         stride: int) -> torch.Tensor:
-    """dwconv3x3(relu6(BN(e))) in training for BNs over consecutive channel slices of e, through
-    BNActDwConvFunction (the activation never stored); the running statistics updated as nn.BatchNorm2d does."""
+                         stride: int, dw_bns: Sequence[nn.BatchNorm2d], dw_relu6: bool) -> torch.Tensor:
+    """act(BN_dw(dwconv3x3(relu6(BN(e))))) in training for BNs over consecutive channel slices of e, through
+    BNActDwConvFunction (the activation never stored), under DwBNActFunction with the dw BNs (dw_bns) where it
+    takes them; the running statistics updated as nn.BatchNorm2d does."""
     bn0 = bns[0]
     count = _check_batch(e.shape)
     g, b = _affine(bns)
+    if dw_relu6 and not dw_bn_act_problems(e, weight, stride):
+        return _stage_bn_act_train(BNActDwConvFunction, (e, g, b, weight, stride, bn0.eps), bns, count, dw_bns)
     z, mean, invstd = BNActDwConvFunction.apply(e, g, b, weight, stride, bn0.eps)
     if bn0.training:
         _update_running_stats(bns, mean, invstd, count)
-    return z
+    return _bn_act_train(dw_bns, z, None, dw_relu6)
 
 
 def _expand_dw_fuses(expand: "ConvBNAct", dw: "ConvBNAct", x: torch.Tensor, w_expand: torch.Tensor,
@@ -405,16 +445,21 @@ def _expand_dw_fuses(expand: "ConvBNAct", dw: "ConvBNAct", x: torch.Tensor, w_ex
 
 
 def _expand_dwconv_train(bns: Sequence[nn.BatchNorm2d], x: torch.Tensor, w_expand: torch.Tensor, groups: int,
-                         weight: torch.Tensor, stride: int) -> torch.Tensor:
-    """dwconv3x3(relu6(BN(conv1x1(x)))) in training through ExpandDwConvFunction (the BN's statistics and backward
-    folded into the 1x1 conv's algebra, the activation never stored); running statistics as nn.BatchNorm2d."""
+                         weight: torch.Tensor, stride: int, dw_bns: Sequence[nn.BatchNorm2d],
+                         dw_relu6: bool) -> torch.Tensor:
+    """act(BN_dw(dwconv3x3(relu6(BN(conv1x1(x)))))) in training through ExpandDwConvFunction (the BN's statistics
+    and backward folded into the 1x1 conv's algebra, the activation never stored), under DwBNActFunction with the
+    dw BNs where it takes them; running statistics as nn.BatchNorm2d."""
     bn0 = bns[0]
     count = _check_batch((x.shape[0], w_expand.shape[0], x.shape[2], x.shape[3]))
     g, b = _affine(bns)
-    z, mean, invstd = ExpandDwConvFunction.apply(x, w_expand, groups, g, b, weight, stride, bn0.eps)
+    inputs = (x, w_expand, groups, g, b, weight, stride, bn0.eps)
+    if dw_relu6 and not dw_bn_act_problems(x.new_empty((1, w_expand.shape[0], 1, 1)), weight, stride):
+        return _stage_bn_act_train(ExpandDwConvFunction, inputs, bns, count, dw_bns)
+    z, mean, invstd = ExpandDwConvFunction.apply(*inputs)
     if bn0.training:
         _update_running_stats(bns, mean, invstd, count)
-    return z
+    return _bn_act_train(dw_bns, z, None, dw_relu6)
 
 
 def _plain_geometry(conv: nn.Conv2d) -> bool:
@@ -544,19 +589,20 @@ def _grouped_block_train_bn_act(blocks: Sequence["InvertedResidual"], x: torch.T
     h = x
     c = b0.dw.conv
     wd = torch.cat([b.dw.conv.weight for b in blocks])
+    dw_bns, relu6 = [b.dw.bn for b in blocks], isinstance(b0.dw.act, nn.ReLU6)
     if b0.expand is not None:
         w = torch.cat([b.expand.conv.weight for b in blocks])
+        ex_bns = [b.expand.bn for b in blocks]
         if _expand_dw_fuses(b0.expand, b0.dw, h, w, wd, g):
-            z = _expand_dwconv_train([b.expand.bn for b in blocks], h, w, g, wd, c.stride[0])
+            h = _expand_dwconv_train(ex_bns, h, w, g, wd, c.stride[0], dw_bns, relu6)
         else:
             e = F.conv2d(h, w, None, 1, 0, 1, g)
             if _act_dw_fuses(b0.expand, b0.dw, e, wd):
-                z = _bn_act_dwconv_train([b.expand.bn for b in blocks], e, wd, c.stride[0])
+                h = _bn_act_dwconv_train(ex_bns, e, wd, c.stride[0], dw_bns, relu6)
             else:
-                z = _depthwise(_bn_act_train([b.expand.bn for b in blocks], e, None, True), wd, c)
+                h = _dw_bn_act_train(_bn_act_train(ex_bns, e, None, True), wd, c, dw_bns, relu6)
     else:
-        z = _depthwise(h, wd, c)
-    h = _bn_act_train([b.dw.bn for b in blocks], z, None, isinstance(b0.dw.act, nn.ReLU6))
+        h = _dw_bn_act_train(h, wd, c, dw_bns, relu6)
     w = torch.cat([b.project.conv.weight for b in blocks])
     return _bn_act_train([b.project.bn for b in blocks], F.conv2d(h, w, None, 1, 0, 1, g),
                          x if b0.use_res else None, False)
@@ -586,18 +632,17 @@ class InvertedResidual(_FoldCacheOwner):
         if (self.training and ex is not None and ex.training and dw.training and _FUSED_TRAIN[-1]
                 and dw._bn_act_fuses() and _eager_cpu(x, ex.conv.weight)):
             # Expand BN + ReLU6 folded into the depthwise conv's input: the activation is never stored.
-            z = None
+            relu6 = isinstance(dw.act, nn.ReLU6)
             if _expand_dw_fuses(ex, dw, x, ex.conv.weight, dw.conv.weight):
-                z = _expand_dwconv_train([ex.bn], x, ex.conv.weight, 1, dw.conv.weight, dw.conv.stride[0])
+                h = _expand_dwconv_train([ex.bn], x, ex.conv.weight, 1, dw.conv.weight, dw.conv.stride[0], [dw.bn],
+                                         relu6)
             else:
                 e = ex.conv(x)
                 if _act_dw_fuses(ex, dw, e, dw.conv.weight):
-                    z = _bn_act_dwconv_train([ex.bn], e, dw.conv.weight, dw.conv.stride[0])
-            if z is not None:
-                h = _bn_act_train([dw.bn], z, None, isinstance(dw.act, nn.ReLU6))
-            else:
-                h = dw(_bn_act_train([ex.bn], e, None, isinstance(ex.act, nn.ReLU6)) if ex._bn_act_fuses() else
-                       ex.act(ex.bn(e)))
+                    h = _bn_act_dwconv_train([ex.bn], e, dw.conv.weight, dw.conv.stride[0], [dw.bn], relu6)
+                else:
+                    h = dw(_bn_act_train([ex.bn], e, None, isinstance(ex.act, nn.ReLU6)) if ex._bn_act_fuses() else
+                           ex.act(ex.bn(e)))
         else:
             h = self.expand(x) if ex is not None else x
             h = self.dw(h)

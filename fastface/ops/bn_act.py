@@ -4,6 +4,7 @@
         y = act((x - mean) * invstd * gamma + beta [+ residual])
     bn_act_backward(grad_y, x, gamma, beta, mean, invstd, residual, relu6)
         -> (grad_x, grad_gamma, grad_beta, grad_residual_masked)
+    bn_act_apply(x, gamma, beta, mean, invstd, relu6) -> y   (the statistics given: one pass)
 
 x: N x C x H x W (or N x C); gamma, beta: C; residual: None or x's shape. `mean` and `invstd` are
 the batch mean and 1 / sqrt(biased variance + eps) per channel (statistics over every dim but 1),
@@ -56,6 +57,13 @@ def bn_stats_reference(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch
     return mean, torch.rsqrt(var + eps)
 
 
+def bn_act_apply_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor,
+                           invstd: torch.Tensor, relu6: bool) -> torch.Tensor:
+    """Plain PyTorch: act((x - mean) * (invstd * gamma) + beta) with the statistics given (bn_act_apply)."""
+    y = (x - _c(mean, x)) * _c(invstd * gamma, x) + _c(beta, x)
+    return F.relu6(y) if relu6 else y
+
+
 def bn_act_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor | None,
                      eps: float, relu6: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain PyTorch: F.batch_norm in training (batch statistics), + residual, ReLU6."""
@@ -106,6 +114,13 @@ def bn_act_problems(x, gamma, beta, residual, eps, relu6) -> list[str]:
     if len({t.device for t in tensors}) != 1:
         why.append(f"tensors on several devices: {sorted({str(t.device) for t in tensors})}")
     return why
+
+
+if has_op("bn_act_apply"):
+
+    @torch.library.register_fake("fastface::bn_act_apply")
+    def _bn_act_apply_fake(x, gamma, beta, mean, invstd, relu6):
+        return like_input(x.new_empty(x.shape), x)
 
 
 if has_op("bn_act"):

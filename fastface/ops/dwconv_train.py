@@ -1,6 +1,8 @@
 """Depthwise 3 x 3 conv for training on the CPU, optionally behind a BN + ReLU6 that is never stored.
 
     dwconv_forward(x, weight, stride, padding, mean=None, scale=None, beta=None) -> z
+    dwconv_forward_stats(x, weight, stride, padding, mean=None, scale=None, beta=None, eps=1e-5)
+        -> (z, z_mean, z_invstd)               (and the batch statistics of z, from the registers)
     dwconv_backward(grad_out, x, weight, stride, padding, mean=None, scale=None, beta=None, sums=False)
         -> (grad_a, grad_weight, bn_sums)
     bn_stats(x, eps) -> (mean, invstd)        (bn_act's statistics pass alone; its reference: bn_act.bn_stats_reference)
@@ -15,6 +17,9 @@ output, before the activation) and the same pass also reduces the BN backward's 
 (float64 2 x C: sum(g), sum(g * (x - mean))): bn_act_backward_sums finishes that BN backward in one
 pass instead of bn_act_backward's two, and fastface.ops.expand_dwconv folds it into the 1x1 conv's
 backward with no pass of its own.
+dwconv_forward_stats also reduces the batch statistics of z (mean, invstd for a training BN on it, as
+bn_stats computes them: float sums about a per-task shift in registers, float64 across rows, tasks merged
+in order) as it writes z, so that BN's statistics need no pass over z of their own.
 The backward pairs every grad_out vector it loads for grad_a with the input pixel it meets for
 grad_weight, so grad_out and x are read once (oneDNN's backward reads them in two passes).
 channels_last is the kernels' fast layout; grad_weight's per-task partials are merged in a fixed
@@ -30,6 +35,10 @@ Two autograd functions use them in the fused training path (fastface.models.mobi
   prologue; backward = dwconv_backward with the prologue and sums, then bn_act_backward_sums. e is
   read twice forward (statistics, conv) and twice backward (conv gradients + sums, BN gradient).
 
+`DwBNActFunction` puts a depthwise stage (any of the two above, or ExpandDwConvFunction) under the
+training BN + ReLU6 that follows it in a block: the stage's conv with dwconv_forward_stats, then
+bn_act_apply (one pass over z instead of bn_act's two); backward = bn_act_backward, then the stage's.
+
 The references below define the semantics the kernels are tested against.
 """
 from __future__ import annotations
@@ -39,12 +48,13 @@ import torch.nn.functional as F
 
 from fastface._ext import has_op
 from fastface.ops._common import like_input
-from fastface.ops.bn_act import bn_act_reference
+from fastface.ops.bn_act import bn_act_reference, bn_stats_reference
 
 OP_FWD = "fastface::dwconv_forward"
 OP_BWD = "fastface::dwconv_backward"
 OP_STATS = "fastface::bn_stats"
 OP_BN_SUMS = "fastface::bn_act_backward_sums"
+OP_FWD_STATS = "fastface::dwconv_forward_stats"
 
 
 def _c(v: torch.Tensor) -> torch.Tensor:
@@ -54,6 +64,15 @@ def _c(v: torch.Tensor) -> torch.Tensor:
 def _activated(x: torch.Tensor, mean: torch.Tensor | None, scale: torch.Tensor | None,
                beta: torch.Tensor | None) -> torch.Tensor:
     return x if scale is None else F.relu6((x - _c(mean)) * _c(scale) + _c(beta))
+
+
+def dwconv_forward_stats_reference(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
+                                   mean: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                                   beta: torch.Tensor | None = None,
+                                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: dwconv_forward_reference's z and its batch mean, 1 / sqrt(biased variance + eps) per channel."""
+    z = dwconv_forward_reference(x, weight, stride, padding, mean, scale, beta)
+    return (z, *bn_stats_reference(z, eps))
 
 
 def dwconv_forward_reference(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
@@ -89,10 +108,14 @@ def bn_act_dwconv_reference(e: torch.Tensor, gamma: torch.Tensor, beta: torch.Te
     return F.conv2d(a, weight, None, stride, 1, 1, e.shape[1]), mean, invstd
 
 
+_OPS = ("dwconv_forward", "dwconv_forward_stats", "dwconv_backward", "bn_stats", "bn_act_backward_sums",
+        "bn_act_apply")
+
+
 def dwconv_kernel_problems(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> list[str]:
     """Why the C++ kernels cannot take these arguments (an empty list: they can)."""
     why = []
-    if not all(has_op(op) for op in ("dwconv_forward", "dwconv_backward", "bn_stats", "bn_act_backward_sums")):
+    if not all(has_op(op) for op in _OPS):
         why.append("the fastface C++ extension is not loaded")
     if x.device.type != "cpu":
         why.append(f"x is on {x.device}, the kernels are CPU-only")
@@ -106,7 +129,7 @@ def dwconv_kernel_problems(x: torch.Tensor, weight: torch.Tensor, stride: int, p
     return why
 
 
-if all(has_op(op) for op in ("dwconv_forward", "dwconv_backward", "bn_stats", "bn_act_backward_sums")):
+if all(has_op(op) for op in _OPS):
 
     @torch.library.register_fake(OP_FWD)
     def _dwconv_forward_fake(x, weight, stride, padding, mean=None, scale=None, beta=None):
@@ -121,6 +144,11 @@ if all(has_op(op) for op in ("dwconv_forward", "dwconv_backward", "bn_stats", "b
     @torch.library.register_fake(OP_BN_SUMS)
     def _bn_act_backward_sums_fake(grad_y, x, gamma, beta, mean, invstd, sums, relu6):
         return like_input(x.new_empty(x.shape), x), gamma.new_empty(gamma.shape), beta.new_empty(beta.shape)
+
+    @torch.library.register_fake(OP_FWD_STATS)
+    def _dwconv_forward_stats_fake(x, weight, stride, padding, mean=None, scale=None, beta=None, eps=1e-5):
+        z = _dwconv_forward_fake(x, weight, stride, padding)
+        return z, x.new_empty((x.shape[1],)), x.new_empty((x.shape[1],))
 
     @torch.library.register_fake(OP_STATS)
     def _bn_stats_fake(x, eps):
@@ -154,24 +182,39 @@ class DwConvFunction(torch.autograd.Function):
     (dwconv_forward_pays, dwconv_backward_pays), else ATen's (oneDNN) forward and backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, stride, padding):
-        ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding = stride, padding
-        if not dwconv_kernel_problems(x, weight, stride, padding) and dwconv_forward_pays(x, stride):
-            return torch.ops.fastface.dwconv_forward(x, weight, stride, padding)
-        return F.conv2d(x, weight, None, stride, padding, 1, x.shape[1])
+    def run(x, weight, stride, padding, z_eps=None):
+        """(outputs, saved tensors, attributes) of the forward, for forward and DwBNActFunction; with z_eps, the
+        outputs are z and its batch mean and invstd (dwconv_forward_stats: the C++ forward whether or not it pays)."""
+        if z_eps is not None:
+            outs = torch.ops.fastface.dwconv_forward_stats(x, weight, stride, padding, None, None, None, z_eps)
+        elif not dwconv_kernel_problems(x, weight, stride, padding) and dwconv_forward_pays(x, stride):
+            outs = (torch.ops.fastface.dwconv_forward(x, weight, stride, padding),)
+        else:
+            outs = (F.conv2d(x, weight, None, stride, padding, 1, x.shape[1]),)
+        return outs, (x, weight), (stride, padding)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        s, p = ctx.stride, ctx.padding
+    def grads(saved, attrs, needs, grad_out):
+        """The inputs' gradients (the C++ backward where it serves and pays, else ATen's)."""
+        x, weight = saved
+        s, p = attrs
         if not dwconv_kernel_problems(x, weight, s, p) and dwconv_backward_pays(x, s):
             gx, gw, _ = torch.ops.fastface.dwconv_backward(grad_out, x, weight, s, p)
         else:
-            mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
+            mask = [needs[0], needs[1], False]
             gx, gw, _ = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [s, s], [p, p], [1, 1], False,
                                                             [0, 0], x.shape[1], mask)
-        return (gx if ctx.needs_input_grad[0] else None), (gw if ctx.needs_input_grad[1] else None), None, None
+        return (gx if needs[0] else None), (gw if needs[1] else None), None, None
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):
+        outs, saved, ctx.attrs = DwConvFunction.run(x, weight, stride, padding)
+        ctx.save_for_backward(*saved)
+        return outs[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return DwConvFunction.grads(ctx.saved_tensors, ctx.attrs, ctx.needs_input_grad, grad_out)
 
 
 class BNActDwConvFunction(torch.autograd.Function):
@@ -180,18 +223,68 @@ class BNActDwConvFunction(torch.autograd.Function):
     statistics of e) are not differentiable; the running statistics are the caller's to update."""
 
     @staticmethod
-    def forward(ctx, e, gamma, beta, weight, stride, eps):
+    def run(e, gamma, beta, weight, stride, eps, z_eps=None):
+        """(outputs, saved tensors, attributes) of the forward, for forward and DwBNActFunction; with z_eps, z's
+        batch mean and invstd follow z in the outputs (dwconv_forward_stats)."""
         mean, invstd = torch.ops.fastface.bn_stats(e, eps)
         scale = invstd * gamma
-        z = torch.ops.fastface.dwconv_forward(e, weight, stride, 1, mean, scale, beta)
-        ctx.save_for_backward(e, gamma, beta, weight, mean, invstd, scale)
-        ctx.stride = stride
-        ctx.mark_non_differentiable(mean, invstd)
-        return z, mean, invstd
+        if z_eps is None:
+            zs = (torch.ops.fastface.dwconv_forward(e, weight, stride, 1, mean, scale, beta),)
+        else:
+            zs = torch.ops.fastface.dwconv_forward_stats(e, weight, stride, 1, mean, scale, beta, z_eps)
+        return (*zs, mean, invstd), (e, gamma, beta, weight, mean, invstd, scale), stride
+
+    @staticmethod
+    def grads(saved, attrs, needs, grad_z):
+        """The inputs' gradients."""
+        e, gamma, beta, weight, mean, invstd, scale = saved
+        ga, gw, sums = torch.ops.fastface.dwconv_backward(grad_z, e, weight, attrs, 1, mean, scale, beta, True)
+        ge, gg, gb = torch.ops.fastface.bn_act_backward_sums(ga, e, gamma, beta, mean, invstd, sums, True)
+        return ge, gg, gb, gw, None, None
+
+    @staticmethod
+    def forward(ctx, e, gamma, beta, weight, stride, eps):
+        outs, saved, ctx.attrs = BNActDwConvFunction.run(e, gamma, beta, weight, stride, eps)
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
 
     @staticmethod
     def backward(ctx, grad_z, _grad_mean, _grad_invstd):
-        e, gamma, beta, weight, mean, invstd, scale = ctx.saved_tensors
-        ga, gw, sums = torch.ops.fastface.dwconv_backward(grad_z, e, weight, ctx.stride, 1, mean, scale, beta, True)
-        ge, gg, gb = torch.ops.fastface.bn_act_backward_sums(ga, e, gamma, beta, mean, invstd, sums, True)
-        return ge, gg, gb, gw, None, None
+        return BNActDwConvFunction.grads(ctx.saved_tensors, ctx.attrs, ctx.needs_input_grad, grad_z)
+
+
+def dw_bn_act_problems(x: torch.Tensor, weight: torch.Tensor, stride: int) -> list[str]:
+    """Why DwBNActFunction cannot put a BN + ReLU6 under a depthwise stage whose conv input is x (an empty list: it
+    can): its forward needs the C++ kernels (dwconv_kernel_problems) on a channels_last input."""
+    why = dwconv_kernel_problems(x, weight, stride, 1)
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        why.append("the stage's input is not channels_last")
+    return why
+
+
+class DwBNActFunction(torch.autograd.Function):
+    """(stage, gamma, beta, eps, *inputs) -> (y, mean, invstd, *the stage's statistics): y = relu6(BN(z)) in
+    training (batch statistics), z = stage(*inputs)[0] with stage DwConvFunction, BNActDwConvFunction or
+    fastface.ops.expand_dwconv.ExpandDwConvFunction. The stage's conv reduces z's statistics as it writes z
+    (dwconv_forward_stats), so the BN is one pass over z (bn_act_apply), not bn_act's two; backward =
+    bn_act_backward, then the stage's. mean, invstd (of z) and the stage's statistics are not differentiable;
+    running statistics are the caller's. Needs the C++ kernels (dw_bn_act_problems on the stage's conv input)."""
+
+    @staticmethod
+    def forward(ctx, stage, gamma, beta, eps, *inputs):
+        outs, saved, ctx.attrs = stage.run(*inputs, z_eps=eps)
+        z, mean, invstd = outs[:3]
+        y = torch.ops.fastface.bn_act_apply(z, gamma, beta, mean, invstd, True)
+        ctx.stage, ctx.nsaved = stage, len(saved)
+        ctx.save_for_backward(*saved, z, gamma, beta, mean, invstd)
+        ctx.mark_non_differentiable(mean, invstd, *outs[3:])
+        return (y, mean, invstd, *outs[3:])
+
+    @staticmethod
+    def backward(ctx, grad_y, *_grad_stats):
+        tensors = ctx.saved_tensors
+        saved, (z, gamma, beta, mean, invstd) = tensors[:ctx.nsaved], tensors[ctx.nsaved:]
+        gz, gg, gb, _ = torch.ops.fastface.bn_act_backward(grad_y, z, gamma, beta, mean, invstd, None, True)
+        grads = ctx.stage.grads(saved, ctx.attrs, ctx.needs_input_grad[4:], gz)
+        return (None, gg, gb, None, *grads)

@@ -117,7 +117,9 @@ class ExpandDwConvFunction(torch.autograd.Function):
     C++ depthwise kernels and a channels_last float input (expand_dwconv_problems)."""
 
     @staticmethod
-    def forward(ctx, x, w_expand, groups, gamma, beta, w_dw, stride, eps):
+    def run(x, w_expand, groups, gamma, beta, w_dw, stride, eps, z_eps=None):
+        """(outputs, saved tensors, attributes) of the forward, for forward and dwconv_train.DwBNActFunction; with
+        z_eps, z's batch mean and invstd follow z in the outputs (dwconv_forward_stats)."""
         e = F.conv2d(x, w_expand, None, 1, 0, 1, groups)
         mx, cov = _moments(x, groups)
         cout, ci = w_expand.shape[0], x.shape[1] // groups
@@ -128,17 +130,19 @@ class ExpandDwConvFunction(torch.autograd.Function):
         mean = mean_d.to(x.dtype)
         invstd = torch.rsqrt(var.add_(eps)).to(x.dtype)
         scale = invstd * gamma
-        z = torch.ops.fastface.dwconv_forward(e, w_dw, stride, 1, mean, scale, beta)
-        ctx.save_for_backward(x, w_expand, e, gamma, beta, w_dw, mean, invstd, scale, mx, mean_d, wc)
-        ctx.groups, ctx.stride = groups, stride
-        ctx.mark_non_differentiable(mean, invstd)
-        return z, mean, invstd
+        if z_eps is None:
+            zs = (torch.ops.fastface.dwconv_forward(e, w_dw, stride, 1, mean, scale, beta),)
+        else:
+            zs = torch.ops.fastface.dwconv_forward_stats(e, w_dw, stride, 1, mean, scale, beta, z_eps)
+        saved = (x, w_expand, e, gamma, beta, w_dw, mean, invstd, scale, mx, mean_d, wc)
+        return (*zs, mean, invstd), saved, (groups, stride)
 
     @staticmethod
-    def backward(ctx, grad_z, _grad_mean, _grad_invstd):
-        x, w_expand, e, gamma, beta, w_dw, mean, invstd, scale, mx, mean_d, wc = ctx.saved_tensors
-        groups = ctx.groups
-        g, gw_dw, sums = torch.ops.fastface.dwconv_backward(grad_z, e, w_dw, ctx.stride, 1, mean, scale, beta, True)
+    def grads(saved, attrs, needs, grad_z):
+        """The inputs' gradients."""
+        x, w_expand, e, gamma, beta, w_dw, mean, invstd, scale, mx, mean_d, wc = saved
+        groups, stride = attrs
+        g, gw_dw, sums = torch.ops.fastface.dwconv_backward(grad_z, e, w_dw, stride, 1, mean, scale, beta, True)
         p = e.numel() // e.shape[1]
         cout, cin = w_expand.shape[0], x.shape[1]
         co, ci = cout // groups, cin // groups
@@ -148,7 +152,7 @@ class ExpandDwConvFunction(torch.autograd.Function):
         sc_d = gamma.detach().double() * inv_d
         k = sc_d * inv_d.square() * s2 / p
         b = sc_d * s1 / p - k * mean.double()
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
+        mask = [needs[0], needs[1], False]
         gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w_expand * scale.detach()[:, None, None, None], None,
                                                         [1, 1], [0, 0], [1, 1], False, [0, 0], groups, mask)
         w3 = w_expand.detach().double().view(groups, co, ci)
@@ -163,6 +167,17 @@ class ExpandDwConvFunction(torch.autograd.Function):
             gw = torch.addcmul(corr.neg_(), sc_d.view(groups, co, 1), gw.double().view(groups, co, ci))
             gw = gw.reshape(w_expand.shape).to(w_expand.dtype)
         return gx, gw, None, (s2 * inv_d).to(gamma.dtype), s1.to(beta.dtype), gw_dw, None, None
+
+    @staticmethod
+    def forward(ctx, x, w_expand, groups, gamma, beta, w_dw, stride, eps):
+        outs, saved, ctx.attrs = ExpandDwConvFunction.run(x, w_expand, groups, gamma, beta, w_dw, stride, eps)
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
+
+    @staticmethod
+    def backward(ctx, grad_z, _grad_mean, _grad_invstd):
+        return ExpandDwConvFunction.grads(ctx.saved_tensors, ctx.attrs, ctx.needs_input_grad, grad_z)
 
 
 def expand_dwconv_pays(x: torch.Tensor) -> bool:
