@@ -8,15 +8,18 @@ and every op's *self* CPU time is put in one class:
                                   stems, 1x1 convs and the depthwise ones its kernels leave to oneDNN
 - dwconv                          fastface's depthwise kernels (fastface.ops.dwconv_train: forward,
                                   one-pass backward, with an expand BN + ReLU6 folded in where one
-                                  precedes them), with their autograd nodes (ExpandDwConvFunction's
-                                  too: its 1x1 conv is in the conv classes)
+                                  precedes them; dwconv_forward_stats, the forward that also reduces
+                                  the next BN's statistics), with their autograd nodes
+                                  (ExpandDwConvFunction's and DwBNActFunction's too: the 1x1 conv is in
+                                  the conv classes)
 - bn_act                          BatchNorm + residual add + ReLU6: ATen's batch norm, hardtanh and
                                   the adds of the plain loop, fastface.ops.bn_act in the trainer
                                   (forward and backward, with their autograd nodes; bn_stats and
                                   bn_act_backward_sums, the passes left of a BN folded into a conv;
                                   channel_moments and grouped_linear_sub, those of an expand BN folded
                                   into its 1x1 conv's algebra; bn_add_act, the split stems' two BNs +
-                                  add merge + ReLU6; bn_update_running, the running statistics)
+                                  add merge + ReLU6; bn_update_running, the running statistics; bn_act_apply,
+                                  a depthwise BN's one pass when its conv reduced the statistics)
 - optimizer                       SGD (fused or foreach), gradient clipping, zeroing
 - other                           everything else (FC + margin loss, autograd glue, allocation);
                                   its largest ops are listed
@@ -65,12 +68,14 @@ CLASSES = {
                "autograd::engine::evaluate_function: BNActFunctionBackward", "fastface::bn_add_act",
                "fastface::bn_add_act_backward", "BNAddActFunction", "BNAddActFunctionBackward",
                "autograd::engine::evaluate_function: BNAddActFunctionBackward", "fastface::channel_moments",
-               "fastface::grouped_linear_sub", "fastface::bn_update_running"),
+               "fastface::grouped_linear_sub", "fastface::bn_update_running", "fastface::bn_act_apply"),
     "dwconv": ("fastface::dwconv_forward", "fastface::dwconv_backward", "DwConvFunction", "DwConvFunctionBackward",
                "autograd::engine::evaluate_function: DwConvFunctionBackward", "BNActDwConvFunction",
                "BNActDwConvFunctionBackward", "autograd::engine::evaluate_function: BNActDwConvFunctionBackward",
                "ExpandDwConvFunction", "ExpandDwConvFunctionBackward",
-               "autograd::engine::evaluate_function: ExpandDwConvFunctionBackward"),
+               "autograd::engine::evaluate_function: ExpandDwConvFunctionBackward", "fastface::dwconv_forward_stats",
+               "DwBNActFunction", "DwBNActFunctionBackward",
+               "autograd::engine::evaluate_function: DwBNActFunctionBackward"),
     "optimizer": ("aten::_fused_sgd_", "aten::_foreach_add_", "aten::_foreach_mul_", "aten::_foreach_norm",
                   "aten::_foreach_mul", "aten::_foreach_add", "aten::_foreach_lerp_", "aten::linalg_vector_norm",
                   "aten::_foreach_addcmul_", "aten::_foreach_zero_", "Optimizer.step#SGD.step",
