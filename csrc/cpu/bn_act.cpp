@@ -34,7 +34,6 @@
 #include <torch/types.h>
 
 #include <algorithm>
-#include <cmath>
 #include <functional>
 #include <type_traits>
 #include <vector>
@@ -331,9 +330,37 @@ void dispatch_flags(bool res, bool rb, bool relu6, F&& f) {
 
 // ---- forward ------------------------------------------------------------------------------
 
+// y = act((x - mean) * (invstd * gamma) + beta [+ res]) with the statistics given: forward_kernel's second pass.
 template <typename T>
 void apply_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gamma, const T* beta, const T* mean_in,
-                  const T* invstd_in, bool relu6, T* y, const simd::Padded<T>* rk);
+                  const T* invstd_in, bool relu6, T* y, const simd::Padded<T>* rk) {
+  const Split sp = split_rows<T>(M, C);
+  const int64_t pf = prefetch_rows<T>(M, C);
+  simd::Padded<T> k(C, 3);
+  T* meanP = k[0];
+  T* scaleP = k[1];
+  T* betaP = k[2];
+  for (int64_t c = 0; c < C; ++c) {
+    meanP[c] = mean_in[c];
+    scaleP[c] = invstd_in[c] * gamma[c];
+    betaP[c] = beta[c];
+  }
+
+  const bool nt = simd::stream_ok(y, M, C, simd::kStreamBytes);
+  const T* rmean = rk ? (*rk)[0] : nullptr;
+  const T* rscale = rk ? (*rk)[1] : nullptr;
+  const T* rbeta = rk ? (*rk)[2] : nullptr;
+  dispatch_flags(res != nullptr, rk != nullptr, relu6, [&](auto RES, auto RB, auto RELU6) {
+    dispatch_bool(nt, [&](auto NT) {
+      for_tasks(M * C, sp.ntasks, [=](int64_t t) {
+        const int64_t r0 = t * sp.rows, r1 = std::min(M, r0 + sp.rows);
+        rows_normalize<T, decltype(RES)::value, decltype(RB)::value, decltype(RELU6)::value, decltype(NT)::value>(
+            x, res, r0, r1, C, meanP, scaleP, betaP, rmean, rscale, rbeta, y, pf);
+        if (decltype(NT)::value) simd::stream_fence();
+      });
+    });
+  });
+}
 
 // rk (bn_add_act): the residual's own BN as three padded rows (mean, scale = invstd * gamma, beta).
 template <typename T>
@@ -391,44 +418,9 @@ void forward_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gam
 
   std::vector<double> mu, m2;
   const double cnt = merge_task_moments(sp.ntasks, C, tmean, tm2, tcount, mu, m2);
-  for (int64_t c = 0; c < C; ++c) {
-    mean_out[c] = T(mu[size_t(c)]);
-    invstd_out[c] = T(1.0 / std::sqrt(m2[size_t(c)] / cnt + eps));
-  }
+  write_mean_invstd(C, mu, m2, cnt, eps, mean_out, invstd_out);
   if (y == nullptr) return;  // statistics only (bn_stats)
   apply_kernel<T>(M, C, x, res, gamma, beta, mean_out, invstd_out, relu6, y, rk);
-}
-
-// y = act((x - mean) * (invstd * gamma) + beta [+ res]) with the statistics given: forward_kernel's second pass.
-template <typename T>
-void apply_kernel(int64_t M, int64_t C, const T* x, const T* res, const T* gamma, const T* beta, const T* mean_in,
-                  const T* invstd_in, bool relu6, T* y, const simd::Padded<T>* rk) {
-  const Split sp = split_rows<T>(M, C);
-  const int64_t pf = prefetch_rows<T>(M, C);
-  simd::Padded<T> k(C, 3);
-  T* meanP = k[0];
-  T* scaleP = k[1];
-  T* betaP = k[2];
-  for (int64_t c = 0; c < C; ++c) {
-    meanP[c] = mean_in[c];
-    scaleP[c] = invstd_in[c] * gamma[c];
-    betaP[c] = beta[c];
-  }
-
-  const bool nt = simd::stream_ok(y, M, C, simd::kStreamBytes);
-  const T* rmean = rk ? (*rk)[0] : nullptr;
-  const T* rscale = rk ? (*rk)[1] : nullptr;
-  const T* rbeta = rk ? (*rk)[2] : nullptr;
-  dispatch_flags(res != nullptr, rk != nullptr, relu6, [&](auto RES, auto RB, auto RELU6) {
-    dispatch_bool(nt, [&](auto NT) {
-      for_tasks(M * C, sp.ntasks, [=](int64_t t) {
-        const int64_t r0 = t * sp.rows, r1 = std::min(M, r0 + sp.rows);
-        rows_normalize<T, decltype(RES)::value, decltype(RB)::value, decltype(RELU6)::value, decltype(NT)::value>(
-            x, res, r0, r1, C, meanP, scaleP, betaP, rmean, rscale, rbeta, y, pf);
-        if (decltype(NT)::value) simd::stream_fence();
-      });
-    });
-  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cpu(const at::Tensor& x_, const at::Tensor& gamma_,

@@ -18,7 +18,6 @@
 #include <torch/types.h>
 
 #include <algorithm>
-#include <cmath>
 #include <functional>
 #include <vector>
 
@@ -174,10 +173,9 @@ void forward_kernel(const Geo& g, const T* x, const T* wP, const T* gamma, const
 
   std::vector<double> mu, m2;
   const double cnt = merge_task_moments(ntasks, C, tmean, tm2, tcount, mu, m2);
+  write_mean_invstd(C, mu, m2, cnt, eps, mean_out, invstd_out);
   std::vector<T> scale(size_t(Cp), T(0)), meanT(size_t(Cp), T(0)), betaP(size_t(Cp), T(0));
   for (int64_t c = 0; c < C; ++c) {
-    mean_out[c] = T(mu[size_t(c)]);
-    invstd_out[c] = T(1.0 / std::sqrt(m2[size_t(c)] / cnt + eps));
     meanT[size_t(c)] = mean_out[c];
     scale[size_t(c)] = invstd_out[c] * gamma[c];
     betaP[size_t(c)] = beta[c];

@@ -6,7 +6,6 @@
 #include <torch/types.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "dwconv_train_kernels.h"
@@ -92,12 +91,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_forward_stats_cpu(const at
   at::Tensor x = x_.contiguous(cl);
   at::Tensor z = at::empty({G.N, G.C, G.OH, G.OW}, x.options().memory_format(cl));
   at::Tensor z_mean = at::empty({G.C}, x.options()), z_invstd = at::empty({G.C}, x.options());
-  const int64_t rows = G.N * G.OH, per = task_rows(rows, G.OW * G.C * int64_t(x.element_size()));
-  const int64_t ntasks = (rows + per - 1) / per, C = G.C;
-  std::vector<double> tsum(size_t(ntasks * C)), tsq(size_t(ntasks * C));
-  std::vector<int64_t> tcount(static_cast<size_t>(ntasks), 0);
+  const int64_t C = G.C;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_forward_stats_cpu", [&] {
     using T = scalar_t;
+    const int64_t ntasks = forward_tasks<T>(G).second;  // the kernel's own split: one partial per task
+    std::vector<double> tsum(size_t(ntasks * C)), tsq(size_t(ntasks * C));
+    std::vector<int64_t> tcount(static_cast<size_t>(ntasks), 0);
     const Consts<T> cst(weight, mean, scale, beta, C);
     std::vector<T> tshift(size_t(ntasks * C));
     const ZStats<T> zs{tsum.data(), tsq.data(), tshift.data(), tcount.data()};
@@ -117,12 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_forward_stats_cpu(const at
     }
     std::vector<double> mu, m2;
     const double cnt = merge_task_moments(ntasks, C, tmean, tm2, tcount, mu, m2);
-    T* mo = z_mean.data_ptr<T>();
-    T* io = z_invstd.data_ptr<T>();
-    for (int64_t c = 0; c < C; ++c) {
-      mo[c] = T(mu[size_t(c)]);
-      io[c] = T(1.0 / std::sqrt(m2[size_t(c)] / cnt + eps));
-    }
+    write_mean_invstd(C, mu, m2, cnt, eps, z_mean.data_ptr<T>(), z_invstd.data_ptr<T>());
   });
   return {channels_last(x_) ? z : z.contiguous(), z_mean, z_invstd};
 }

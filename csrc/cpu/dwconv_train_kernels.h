@@ -185,20 +185,46 @@ FF_ALWAYS_INLINE typename Vec<T>::reg out_pixel(const T* const* rows, T* zp, int
   return acc;
 }
 
-// A row's OW output pixels at one channel vector; with STATS also their sum and sum of squares about the
-// shift kv, added to s and q (in registers: the outputs are never read back for the batch statistics).
+// s += a - kv, q += (a - kv)^2: an output vector's share of the batch statistics (STATS), from the register
+// it was written from (the outputs are never read back for them).
+template <typename T>
+FF_ALWAYS_INLINE void add_moments(typename Vec<T>::reg a, typename Vec<T>::reg kv, typename Vec<T>::reg& s,
+                                  typename Vec<T>::reg& q) {
+  using V = Vec<T>;
+  const auto d = V::sub(a, kv);
+  s = V::add(s, d);
+  q = V::fmadd(d, d, q);
+}
+
+// A row's OW output pixels at one channel vector; with STATS also their moments about the shift kv (add_moments).
 template <typename T, int S, int MODE, bool STATS>
 FF_ALWAYS_INLINE void out_row(const T* const* rows, T* zo, int64_t OW, int64_t C, const VecConsts<T>& k,
                               typename Vec<T>::reg kv, typename Vec<T>::reg& s, typename Vec<T>::reg& q) {
-  using V = Vec<T>;
   for (int64_t ox = 0; ox < OW; ++ox) {
     const auto a = out_pixel<T, S, MODE>(rows, zo + ox * C, ox, k);
-    if (STATS) {
-      const auto d = V::sub(a, kv);
-      s = V::add(s, d);
-      q = V::fmadd(d, d, q);
-    }
+    if (STATS) add_moments<T>(a, kv, s, q);
   }
+}
+
+// out_row at two consecutive channel vectors (ra, rb): z is written a 128-byte run per pixel (see pixel).
+template <typename T, int S, int MODE, bool STATS>
+FF_ALWAYS_INLINE void out_row2(const T* const* ra, const T* const* rb, T* zo, int64_t OW, int64_t C,
+                               const VecConsts<T>& k0, const VecConsts<T>& k1, typename Vec<T>::reg kv0,
+                               typename Vec<T>::reg kv1, typename Vec<T>::reg& s0, typename Vec<T>::reg& q0,
+                               typename Vec<T>::reg& s1, typename Vec<T>::reg& q1) {
+  constexpr int L = Vec<T>::L;
+  for (int64_t ox = 0; ox < OW; ++ox) {
+    const auto a0 = out_pixel<T, S, MODE>(ra, zo + ox * C, ox, k0);
+    const auto a1 = out_pixel<T, S, MODE>(rb, zo + ox * C + L, ox, k1);
+    if (STATS) add_moments<T>(a0, kv0, s0, q0), add_moments<T>(a1, kv1, s1, q1);
+  }
+}
+
+// The forward's tasks: (rows per task, tasks) over the N * OH output rows, fixed by the shape alone.
+template <typename T>
+inline std::pair<int64_t, int64_t> forward_tasks(const Geo& G) {
+  const int64_t rows = G.N * G.OH, per = task_rows(rows, G.OW * G.C * int64_t(sizeof(T)));
+  return {per, (rows + per - 1) / per};
 }
 
 // The forward's batch statistics of z (STATS): per task, float sums over each output row about a per-channel
@@ -216,8 +242,8 @@ template <typename T, int S, bool PRO, bool STATS>
 void forward_kernel(const Geo& G, const T* x, T* z, const Consts<T>& cst, const ZStats<T>* zs) {
   using V = Vec<T>;
   constexpr int L = V::L;
-  const int64_t C = G.C, W = G.W, rows = G.N * G.OH, row_bytes = G.OW * C * int64_t(sizeof(T));
-  const int64_t per = task_rows(rows, row_bytes), ntasks = (rows + per - 1) / per;
+  const int64_t C = G.C, W = G.W, rows = G.N * G.OH;
+  const auto [per, ntasks] = forward_tasks<T>(G);
   const int64_t nv = cst.Cp / L, full = C / L, vpitch = (W + 2) * L, spitch = nv * vpitch;
   const bool nt = simd::stream_ok(z, rows * G.OW, C, simd::kStreamBytes);
   for_tasks(rows * G.OW * C, ntasks, [&](int64_t t) {
@@ -263,8 +289,7 @@ void forward_kernel(const Geo& G, const T* x, T* z, const Consts<T>& cst, const 
       }
       T* zr = z + r * G.OW * C;
       int64_t v = 0;
-      // Two vectors per sweep over the row's pixels: z is written a 128-byte run per pixel (see pixel).
-      for (; v + 2 <= full; v += 2) {
+      for (; v + 2 <= full; v += 2) {  // two vectors per sweep over the row's pixels (out_row2)
         const VecConsts<T> k0 = cst.at(v * L, C), k1 = cst.at((v + 1) * L, C);
         const T* ra[K] = {slots[0] + v * vpitch, slots[1] + v * vpitch, slots[2] + v * vpitch};
         const T* rb[K] = {ra[0] + vpitch, ra[1] + vpitch, ra[2] + vpitch};
@@ -274,25 +299,10 @@ void forward_kernel(const Geo& G, const T* x, T* z, const Consts<T>& cst, const 
           s0 = V::load(ss + v * L), q0 = V::load(qq + v * L), kv0 = V::load(kk + v * L);
           s1 = V::load(ss + v * L + L), q1 = V::load(qq + v * L + L), kv1 = V::load(kk + v * L + L);
         }
-        if (nt) {
-          for (int64_t ox = 0; ox < G.OW; ++ox) {
-            const auto a0 = out_pixel<T, S, kStream>(ra, zo + ox * C, ox, k0);
-            const auto a1 = out_pixel<T, S, kStream>(rb, zo + ox * C + L, ox, k1);
-            if (STATS) {
-              const auto d0 = V::sub(a0, kv0), d1 = V::sub(a1, kv1);
-              s0 = V::add(s0, d0), q0 = V::fmadd(d0, d0, q0), s1 = V::add(s1, d1), q1 = V::fmadd(d1, d1, q1);
-            }
-          }
-        } else {
-          for (int64_t ox = 0; ox < G.OW; ++ox) {
-            const auto a0 = out_pixel<T, S, kPlain>(ra, zo + ox * C, ox, k0);
-            const auto a1 = out_pixel<T, S, kPlain>(rb, zo + ox * C + L, ox, k1);
-            if (STATS) {
-              const auto d0 = V::sub(a0, kv0), d1 = V::sub(a1, kv1);
-              s0 = V::add(s0, d0), q0 = V::fmadd(d0, d0, q0), s1 = V::add(s1, d1), q1 = V::fmadd(d1, d1, q1);
-            }
-          }
-        }
+        if (nt)
+          out_row2<T, S, kStream, STATS>(ra, rb, zo, G.OW, C, k0, k1, kv0, kv1, s0, q0, s1, q1);
+        else
+          out_row2<T, S, kPlain, STATS>(ra, rb, zo, G.OW, C, k0, k1, kv0, kv1, s0, q0, s1, q1);
         if (STATS) {
           V::store(ss + v * L, s0), V::store(qq + v * L, q0);
           V::store(ss + v * L + L, s1), V::store(qq + v * L + L, q1);

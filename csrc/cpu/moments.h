@@ -1,6 +1,7 @@
 // Per-task batch statistics merged into per-channel moments, shared by the fused BN kernels.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -34,6 +35,18 @@ inline double merge_task_moments(int64_t ntasks, int64_t C, const std::vector<do
     cnt = nab;
   }
   return cnt;
+}
+
+// The batch statistics a training BN normalises with, from merged moments over cnt values: mean and
+// 1 / sqrt(biased variance + eps) per channel, in float64 then rounded to T (bn_act's and
+// dwconv_forward_stats' results agree to the rounding of their sums).
+template <typename T>
+inline void write_mean_invstd(int64_t C, const std::vector<double>& mu, const std::vector<double>& m2, double cnt,
+                              double eps, T* mean, T* invstd) {
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = T(mu[size_t(c)]);
+    invstd[c] = T(1.0 / std::sqrt(m2[size_t(c)] / cnt + eps));
+  }
 }
 
 }  // namespace fastface
