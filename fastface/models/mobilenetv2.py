@@ -398,6 +398,18 @@ def _stage_bn_act_train(stage: type, inputs: tuple, stage_bns: Sequence[nn.Batch
     return y
 
 
+def _stats_stage_train(stage: type, inputs: tuple, bns: Sequence[nn.BatchNorm2d], count: int,
+                       dw_bns: Sequence[nn.BatchNorm2d], dw_relu6: bool, fuses: bool) -> torch.Tensor:
+    """act(BN_dw(z)) for a stage with its own BNs' statistics (BNActDwConvFunction, ExpandDwConvFunction): under
+    DwBNActFunction when `fuses`, else the stage then bn_act; running statistics of both as nn.BatchNorm2d."""
+    if fuses:
+        return _stage_bn_act_train(stage, inputs, bns, count, dw_bns)
+    z, mean, invstd = stage.apply(*inputs)
+    if bns[0].training:
+        _update_running_stats(bns, mean, invstd, count)
+    return _bn_act_train(dw_bns, z, None, dw_relu6)
+
+
 def _act_dw_fuses(expand: "ConvBNAct", dw: "ConvBNAct", e: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether _bn_act_dwconv_train computes act(bn(e)) -> dw's conv exactly here: an expand BN (batch statistics)
     with ReLU6, a 3 x 3 depthwise conv (padding 1, stride 1 or 2, no bias; `weight` its own or several branches'
@@ -423,12 +435,9 @@ def _bn_act_dwconv_train(bns: Sequence[nn.BatchNorm2d], e: torch.Tensor, weight:
     bn0 = bns[0]
     count = _check_batch(e.shape)
     g, b = _affine(bns)
-    if dw_relu6 and not dw_bn_act_problems(e, weight, stride):
-        return _stage_bn_act_train(BNActDwConvFunction, (e, g, b, weight, stride, bn0.eps), bns, count, dw_bns)
-    z, mean, invstd = BNActDwConvFunction.apply(e, g, b, weight, stride, bn0.eps)
-    if bn0.training:
-        _update_running_stats(bns, mean, invstd, count)
-    return _bn_act_train(dw_bns, z, None, dw_relu6)
+    fuses = dw_relu6 and not dw_bn_act_problems(e, weight, stride)
+    return _stats_stage_train(BNActDwConvFunction, (e, g, b, weight, stride, bn0.eps), bns, count, dw_bns, dw_relu6,
+                              fuses)
 
 
 def _expand_dw_fuses(expand: "ConvBNAct", dw: "ConvBNAct", x: torch.Tensor, w_expand: torch.Tensor,
@@ -453,13 +462,10 @@ def _expand_dwconv_train(bns: Sequence[nn.BatchNorm2d], x: torch.Tensor, w_expan
     bn0 = bns[0]
     count = _check_batch((x.shape[0], w_expand.shape[0], x.shape[2], x.shape[3]))
     g, b = _affine(bns)
-    inputs = (x, w_expand, groups, g, b, weight, stride, bn0.eps)
-    if dw_relu6 and not dw_bn_act_problems(x.new_empty((1, w_expand.shape[0], 1, 1)), weight, stride):
-        return _stage_bn_act_train(ExpandDwConvFunction, inputs, bns, count, dw_bns)
-    z, mean, invstd = ExpandDwConvFunction.apply(*inputs)
-    if bn0.training:
-        _update_running_stats(bns, mean, invstd, count)
-    return _bn_act_train(dw_bns, z, None, dw_relu6)
+    e_like = x.new_empty((1, w_expand.shape[0], 1, 1))  # e's channels, dtype and device (never computed here)
+    fuses = dw_relu6 and not dw_bn_act_problems(e_like, weight, stride)
+    return _stats_stage_train(ExpandDwConvFunction, (x, w_expand, groups, g, b, weight, stride, bn0.eps), bns, count,
+                              dw_bns, dw_relu6, fuses)
 
 
 def _plain_geometry(conv: nn.Conv2d) -> bool:

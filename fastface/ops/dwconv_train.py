@@ -177,6 +177,15 @@ def bn_act_dwconv_pays(e: torch.Tensor, stride: int) -> bool:
     return min(e.shape[2], e.shape[3]) >= 7
 
 
+def run_stage(ctx, stage: type, *inputs):
+    """A depthwise stage's autograd forward from its `run`: saves what its `grads` reads, marks the statistics
+    after z non-differentiable; z alone when the stage has no statistics."""
+    outs, saved, ctx.attrs = stage.run(*inputs)
+    ctx.save_for_backward(*saved)
+    ctx.mark_non_differentiable(*outs[1:])
+    return outs if len(outs) > 1 else outs[0]
+
+
 class DwConvFunction(torch.autograd.Function):
     """Depthwise conv2d (no bias, no dilation): the C++ kernels where they serve the arguments and pay
     (dwconv_forward_pays, dwconv_backward_pays), else ATen's (oneDNN) forward and backward."""
@@ -208,9 +217,7 @@ class DwConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding):
-        outs, saved, ctx.attrs = DwConvFunction.run(x, weight, stride, padding)
-        ctx.save_for_backward(*saved)
-        return outs[0]
+        return run_stage(ctx, DwConvFunction, x, weight, stride, padding)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -244,10 +251,7 @@ class BNActDwConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, gamma, beta, weight, stride, eps):
-        outs, saved, ctx.attrs = BNActDwConvFunction.run(e, gamma, beta, weight, stride, eps)
-        ctx.save_for_backward(*saved)
-        ctx.mark_non_differentiable(*outs[1:])
-        return outs
+        return run_stage(ctx, BNActDwConvFunction, e, gamma, beta, weight, stride, eps)
 
     @staticmethod
     def backward(ctx, grad_z, _grad_mean, _grad_invstd):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from fastface._ext import has_op
 from fastface.ops._common import like_input
 from fastface.ops.bn_act import bn_act_reference
-from fastface.ops.dwconv_train import dwconv_kernel_problems
+from fastface.ops.dwconv_train import dwconv_kernel_problems, run_stage
 
 
 def expand_dwconv_reference(x: torch.Tensor, w_expand: torch.Tensor, groups: int, gamma: torch.Tensor,
@@ -170,10 +170,7 @@ class ExpandDwConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_expand, groups, gamma, beta, w_dw, stride, eps):
-        outs, saved, ctx.attrs = ExpandDwConvFunction.run(x, w_expand, groups, gamma, beta, w_dw, stride, eps)
-        ctx.save_for_backward(*saved)
-        ctx.mark_non_differentiable(*outs[1:])
-        return outs
+        return run_stage(ctx, ExpandDwConvFunction, x, w_expand, groups, gamma, beta, w_dw, stride, eps)
 
     @staticmethod
     def backward(ctx, grad_z, _grad_mean, _grad_invstd):
