@@ -99,6 +99,13 @@ TORCH_LIBRARY(fastface, m) {
   // y - x A - c per pixel with A block-diagonal (groups x C/groups x C/groups) and c (C): the
   // correction expand_dwconv's backward adds to the 1x1 conv's input gradient. CPU kernel.
   m.def("grouped_linear_sub(Tensor y, Tensor x, Tensor a, Tensor c) -> Tensor");
+  // A 1x1 conv (groups 1, no bias): conv1x1_forward = conv2d(x, weight); conv1x1_backward in one pass
+  // over grad_out: grad_x = grad_out w - x a - c per pixel (a: Cin x Cin and c: Cin optional,
+  // expand_dwconv's BN correction), grad_w = grad_out^T x; masked-off outputs are empty. CPU kernels
+  // (channels_last).
+  m.def("conv1x1_forward(Tensor x, Tensor weight) -> Tensor");
+  m.def("conv1x1_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? a=None, Tensor? c=None, "
+        "bool[2] output_mask=[True, True]) -> (Tensor, Tensor)");
   // BatchNorm's running-statistics update after a training forward, in place, as nn.BatchNorm2d
   // does (momentum < 0: nn's None, a cumulative average), from the batch mean and invstd of
   // channels [offset, offset + C). CPU kernel; the model's Python path serves other devices.

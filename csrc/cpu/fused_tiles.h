@@ -11,15 +11,6 @@
 
 #include "simd.h"
 
-// Register-blocked loops must be fully unrolled before GCC's scalar replacement runs, or the
-// accumulator arrays live on the stack and every FMA is followed by a store (measured: ~3x
-// slower micro-kernel).
-#if defined(__clang__)
-#define FF_UNROLL _Pragma("unroll")
-#else
-#define FF_UNROLL _Pragma("GCC unroll 64")
-#endif
-
 namespace fastface {
 namespace tiles {
 
