@@ -67,6 +67,7 @@ from fastface.ops import bn_act, bn_add_act, conv_bias_act, dwconv_bn_act, ir_bl
 from fastface.ops.dispatch import forced_backend
 from fastface.ops.dwconv_train import (BNActDwConvFunction, DwBNActFunction, DwConvFunction, bn_act_dwconv_pays,
                                        dw_bn_act_problems, dwconv_forward_pays, dwconv_kernel_problems)
+from fastface.ops.conv1x1 import conv1x1
 from fastface.ops.expand_dwconv import ExpandDwConvFunction, expand_dwconv_pays, expand_dwconv_problems
 
 
@@ -326,7 +327,12 @@ class ConvBNAct(_FoldCacheOwner):
         relu6 = isinstance(self.act, nn.ReLU6)
         if c.groups == c.in_channels == c.out_channels and residual is None:
             return _dw_bn_act_train(x, c.weight, c, [self.bn], relu6)
-        z = _depthwise(x, c.weight, c) if c.groups == c.in_channels == c.out_channels else c(x)
+        if c.groups == c.in_channels == c.out_channels:
+            z = _depthwise(x, c.weight, c)
+        elif _is_pointwise(c):
+            z = conv1x1(x, c.weight)
+        else:
+            z = c(x)
         return _bn_act_train([self.bn], z, residual, relu6)
 
     def _fuses_dw(self) -> bool:
@@ -353,6 +359,18 @@ class ConvBNAct(_FoldCacheOwner):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         w = self.conv.weight * scale.reshape(-1, 1, 1, 1)
         return w, bn.bias - bn.running_mean * scale
+
+
+def _is_pointwise(c: nn.Conv2d) -> bool:
+    """Whether c is a plain 1x1 conv (groups 1, no bias, stride 1, zero padding): conv1x1's case."""
+    return (c.kernel_size == (1, 1) and c.groups == 1 and c.bias is None and c.stride == (1, 1)
+            and c.padding == (0, 0) and c.dilation == (1, 1))
+
+
+def _pointwise(h: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped block's 1x1 conv in training: conv1x1 (fastface's one-pass backward where it pays) for one
+    group, else F.conv2d."""
+    return conv1x1(h, w) if groups == 1 else F.conv2d(h, w, None, 1, 0, 1, groups)
 
 
 def _depthwise(x: torch.Tensor, weight: torch.Tensor, c: nn.Conv2d) -> torch.Tensor:
@@ -602,7 +620,7 @@ def _grouped_block_train_bn_act(blocks: Sequence["InvertedResidual"], x: torch.T
         if _expand_dw_fuses(b0.expand, b0.dw, h, w, wd, g):
             h = _expand_dwconv_train(ex_bns, h, w, g, wd, c.stride[0], dw_bns, relu6)
         else:
-            e = F.conv2d(h, w, None, 1, 0, 1, g)
+            e = _pointwise(h, w, g)
             if _act_dw_fuses(b0.expand, b0.dw, e, wd):
                 h = _bn_act_dwconv_train(ex_bns, e, wd, c.stride[0], dw_bns, relu6)
             else:
@@ -610,8 +628,7 @@ def _grouped_block_train_bn_act(blocks: Sequence["InvertedResidual"], x: torch.T
     else:
         h = _dw_bn_act_train(h, wd, c, dw_bns, relu6)
     w = torch.cat([b.project.conv.weight for b in blocks])
-    return _bn_act_train([b.project.bn for b in blocks], F.conv2d(h, w, None, 1, 0, 1, g),
-                         x if b0.use_res else None, False)
+    return _bn_act_train([b.project.bn for b in blocks], _pointwise(h, w, g), x if b0.use_res else None, False)
 
 
 class InvertedResidual(_FoldCacheOwner):
@@ -643,7 +660,7 @@ class InvertedResidual(_FoldCacheOwner):
                 h = _expand_dwconv_train([ex.bn], x, ex.conv.weight, 1, dw.conv.weight, dw.conv.stride[0], [dw.bn],
                                          relu6)
             else:
-                e = ex.conv(x)
+                e = conv1x1(x, ex.conv.weight) if _is_pointwise(ex.conv) else ex.conv(x)
                 if _act_dw_fuses(ex, dw, e, dw.conv.weight):
                     h = _bn_act_dwconv_train([ex.bn], e, dw.conv.weight, dw.conv.stride[0], [dw.bn], relu6)
                 else:

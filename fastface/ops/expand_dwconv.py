@@ -1,7 +1,7 @@
 """An inverted-residual block's expand stage for training on the CPU, its BN folded into the 1x1 conv's algebra.
 
     ExpandDwConvFunction.apply(x, w_expand, groups, gamma, beta, w_dw, stride, eps) -> (z, mean, invstd)
-        e = conv1x1(x, w_expand, groups)       (no bias; ATen's, i.e. oneDNN's)
+        e = conv1x1(x, w_expand, groups)       (no bias; fastface.ops.conv1x1's kernel where it pays, else ATen's)
         z = dwconv3x3(relu6(batch_norm(e)), w_dw, stride)   (padding 1; the activation never stored)
         mean, invstd: the batch statistics of e (not differentiable; running statistics are the caller's)
 
@@ -14,8 +14,9 @@ it and the sums that give b and k), and again e = x W^T, so
     grad_x = conv1x1_backward_input(g, diag(scale) W) - x (W^T diag(k) W) - b^T W
     grad_W = diag(scale) (g^T x) - b (sum_p x)^T - diag(k) W (x^T x)
 
-ATen's conv backward runs on g, and the corrections are Cin x Cin products: ge, the size of e, is
-never written or read (BNActDwConvFunction writes and reads it once more in each direction, and reads
+fastface.ops.conv1x1's backward runs on g (both gradients in one pass over it, grad_x's correction folded
+in; with groups > 1 ATen's conv backward, then grouped_linear_sub), and the corrections are Cin x Cin
+products: ge, the size of e, is never written or read (BNActDwConvFunction writes and reads it once more in each direction, and reads
 e once more for the statistics). Exact algebra; rounding differs from the plain modules' at the
 float32 level (the statistics come from float64 moments of x, not from the rounded e).
 
@@ -27,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from fastface._ext import has_op
-from fastface.ops._common import like_input
+from fastface.ops._common import is_channels_last, like_input
 from fastface.ops.bn_act import bn_act_reference
+from fastface.ops.conv1x1 import conv1x1_forward, conv1x1_forward_pays, conv1x1_problems
 from fastface.ops.dwconv_train import dwconv_kernel_problems, run_stage
 
 
@@ -120,7 +122,10 @@ class ExpandDwConvFunction(torch.autograd.Function):
     def run(x, w_expand, groups, gamma, beta, w_dw, stride, eps, z_eps=None):
         """(outputs, saved tensors, attributes) of the forward, for forward and dwconv_train.DwBNActFunction; with
         z_eps, z's batch mean and invstd follow z in the outputs (dwconv_forward_stats)."""
-        e = F.conv2d(x, w_expand, None, 1, 0, 1, groups)
+        if groups == 1 and is_channels_last(x) and conv1x1_forward_pays(x, w_expand.shape[0]):
+            e = conv1x1_forward(x, w_expand)
+        else:
+            e = F.conv2d(x, w_expand, None, 1, 0, 1, groups)
         mx, cov = _moments(x, groups)
         cout, ci = w_expand.shape[0], x.shape[1] // groups
         w3 = w_expand.detach().double().view(groups, cout // groups, ci)
@@ -152,15 +157,23 @@ class ExpandDwConvFunction(torch.autograd.Function):
         sc_d = gamma.detach().double() * inv_d
         k = sc_d * inv_d.square() * s2 / p
         b = sc_d * s1 / p - k * mean.double()
-        mask = [needs[0], needs[1], False]
-        gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w_expand * scale.detach()[:, None, None, None], None,
-                                                        [1, 1], [0, 0], [1, 1], False, [0, 0], groups, mask)
         w3 = w_expand.detach().double().view(groups, co, ci)
         k3, b3 = k.view(groups, co, 1), b.view(groups, co, 1)
-        if gx is not None:
+        w_scaled = w_expand.detach() * scale.detach()[:, None, None, None]
+        if needs[0]:
             a = torch.bmm((w3 * k3).transpose(1, 2), w3).to(x.dtype)  # W^T diag(k) W
             c = torch.bmm(b3.transpose(1, 2), w3).reshape(cin).to(x.dtype)  # b^T W
-            gx = _linear_sub(gx, x, a, c)
+        if groups == 1 and not conv1x1_problems(x, w_scaled):
+            # One pass over g for both gradients, the correction folded into grad_x's (conv1x1_backward): that also
+            # saves grouped_linear_sub's pass, so it is taken wherever it serves, not only where conv1x1_backward_pays.
+            gx, gw = torch.ops.fastface.conv1x1_backward(g, x, w_scaled, a.view(cin, cin) if needs[0] else None,
+                                                         c if needs[0] else None, [needs[0], needs[1]])
+            gx, gw = (gx if needs[0] else None), (gw if needs[1] else None)
+        else:
+            gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w_scaled, None, [1, 1], [0, 0], [1, 1], False,
+                                                            [0, 0], groups, [needs[0], needs[1], False])
+            if gx is not None:
+                gx = _linear_sub(gx, x, a, c)
         if gw is not None:
             # b (sum_p x)^T + diag(k) W x^T x, with x^T x = p (cov + mean mean^T) and W mean = mean_e.
             corr = ((b3 + k3 * mean_d.view(groups, co, 1)) * mx.view(groups, 1, ci) + k3 * wc).mul_(p)
