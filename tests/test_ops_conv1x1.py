@@ -165,7 +165,9 @@ def test_errors_name_the_problem():
 @needs_ext
 def test_function_gradcheck():
     x, wt, *_ = _inputs((2, 3, 5, 3, 4), torch.float64, 7)
-    assert torch.autograd.gradcheck(Conv1x1Function.apply, (x.requires_grad_(), wt.requires_grad_()))
+    for fwd, bwd in ((True, True), (False, True), (True, False)):
+        assert torch.autograd.gradcheck(lambda a, b: Conv1x1Function.apply(a, b, fwd, bwd),
+                                        (x.requires_grad_(), wt.requires_grad_()))
 
 
 @needs_ext
@@ -174,7 +176,7 @@ def test_function_matches_conv2d_forward_and_backward(needs):
     x, wt, gz, *_ = _inputs((3, 16, 40, 5, 6), torch.float32, 8)
     x.requires_grad_(needs[0])
     wt.requires_grad_(needs[1])
-    z = Conv1x1Function.apply(x, wt)
+    z = Conv1x1Function.apply(x, wt, True, True)
     zr = F.conv2d(x, wt)
     leaves = [t for t in (x, wt) if t.requires_grad]
     got, ref = torch.autograd.grad(z, leaves, gz), torch.autograd.grad(zr, leaves, gz)
@@ -189,8 +191,17 @@ def test_conv1x1_routes_by_the_measured_rule():
     w = torch.randn(96, 16, 1, 1, requires_grad=True)
     assert conv1x1_forward_pays(big, 96) and not conv1x1_forward_pays(big[:, :, :14, :14], 96)
     assert conv1x1_backward_pays(big[:, :, :14, :14], 96) and not conv1x1_backward_pays(big[:, :, :7, :7], 96)
+    assert conv1x1_forward_pays(big[:, :, :7, :7], 96) and not conv1x1_forward_pays(big[:, :, :4, :4], 96)
+    small = big[:, :, :7, :7].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    ys = conv1x1(small, w)  # the forward's kernel, oneDNN's backward
+    assert (type(ys.grad_fn).__name__ == "Conv1x1FunctionBackward") == HAS_EXT
+    gz = torch.randn_like(ys)
+    got = torch.autograd.grad(ys, (small, w), gz)
+    ref = torch.autograd.grad(F.conv2d(small, w), (small, w), gz)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     for pays in (conv1x1_forward_pays, conv1x1_backward_pays):  # both sides wide: oneDNN is at its peak there
-        assert not pays(torch.randn(1, 64, 28, 28), 96)
+        assert not pays(torch.randn(1, 64, 28, 28), 96) and not pays(torch.randn(1, 64, 14, 14), 96)
     y = conv1x1(big, w)
     assert (type(y.grad_fn).__name__ == "Conv1x1FunctionBackward") == HAS_EXT
     assert type(conv1x1(big.detach().contiguous().requires_grad_(), w).grad_fn).__name__ != "Conv1x1FunctionBackward"

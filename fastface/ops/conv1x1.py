@@ -15,9 +15,9 @@ float64: results do not depend on the thread count). Both kernels prefetch the n
 (their column-block walk defeats the hardware prefetchers) and write large outputs with non-temporal
 stores. channels_last is the fast layout.
 
-`Conv1x1Function` puts them under autograd where `conv1x1_backward_pays` / `conv1x1_forward_pays`
-(measured faster: the face model's large maps, where oneDNN's small-channel GEMMs are memory-bound),
-else ATen's convolution.
+`Conv1x1Function` puts them under autograd, each where `conv1x1_forward_pays` / `conv1x1_backward_pays`
+(measured faster: the face model's large maps, where oneDNN's small-channel GEMMs are memory-bound, and
+for the forward its 7 x 7 maps), else ATen's convolution.
 `conv1x1_backward_reference` and F.conv2d are the plain PyTorch definitions the kernels are tested
 against.
 """
@@ -98,10 +98,13 @@ def conv1x1_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def conv1x1_forward_pays(x: torch.Tensor, cout: int) -> bool:
     """Whether the C++ forward beat oneDNN's on this channels_last float32 input here: maps of at least 28 x 28
-    with at most 32 channels on one side (the face model's 16 -> 96 and 32 -> 16 at 56 x 56: 1.5-2.2x, its
-    28 x 28 layers 1.1-1.2x), where oneDNN's small-channel GEMMs are memory-bound; 0.8-0.9x at 14 x 14
-    (bench/test_bench_conv1x1.py, bench/results/conv1x1_cpu.json)."""
-    return min(x.shape[2], x.shape[3]) >= 28 and min(x.shape[1], cout) <= 32
+    with at most 32 channels on one side (the face model's 16 -> 96 and 32 -> 16 at 56 x 56: 1.4-2.2x, its
+    28 x 28 layers 1.1-1.2x), where oneDNN's small-channel GEMMs are memory-bound, and maps of 7 x 7 to 13 x 13
+    (its 7 x 7 layers, 64..576 channels: 1.07-1.7x, where oneDNN's GEMMs of 3136 rows ran at 65-85 % of this
+    one's rate); 0.7-0.96x at 14 x 14 and ~1.0x at 4 x 4 (bench/test_bench_conv1x1.py,
+    bench/results/conv1x1_cpu.json)."""
+    side = min(x.shape[2], x.shape[3])
+    return (side >= 28 and min(x.shape[1], cout) <= 32) or 7 <= side < 14
 
 
 def conv1x1_backward_pays(x: torch.Tensor, cout: int) -> bool:
@@ -113,29 +116,36 @@ def conv1x1_backward_pays(x: torch.Tensor, cout: int) -> bool:
 
 
 class Conv1x1Function(torch.autograd.Function):
-    """conv2d(x, weight), 1x1, groups 1, no bias: the C++ forward where conv1x1_forward_pays (else oneDNN's), the
-    one-pass C++ backward; see conv1x1 for where it is used."""
+    """(x, weight, kernel_forward, kernel_backward) -> conv2d(x, weight), 1x1, groups 1, no bias: the C++ forward
+    (conv1x1_forward) if kernel_forward else oneDNN's, the one-pass C++ backward (conv1x1_backward) if
+    kernel_backward else oneDNN's; see conv1x1 for where each is used."""
 
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight, kernel_forward, kernel_backward):
         ctx.save_for_backward(x, weight)
-        return conv1x1_forward(x, weight) if conv1x1_forward_pays(x, weight.shape[0]) else F.conv2d(x, weight)
+        ctx.kernel_backward = kernel_backward
+        return conv1x1_forward(x, weight) if kernel_forward else F.conv2d(x, weight)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if not any(mask):
-            return None, None
-        gx, gw = conv1x1_backward(grad_out, x, weight, None, None, mask)
-        return gx if mask[0] else None, gw if mask[1] else None
+            return None, None, None, None
+        if ctx.kernel_backward:
+            gx, gw = conv1x1_backward(grad_out, x, weight, None, None, mask)
+        else:
+            gx, gw = conv1x1_backward_reference(grad_out, x, weight, None, None, mask)
+        return gx if mask[0] else None, gw if mask[1] else None, None, None
 
 
 def conv1x1(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """conv2d(x, weight) for a groups-1 1x1 conv without bias in training: through Conv1x1Function where the C++
-    backward serves and pays (channels_last float32 CPU input under autograd), else F.conv2d."""
+    """conv2d(x, weight) for a groups-1 1x1 conv without bias in training: through Conv1x1Function where a C++ kernel
+    serves and pays (channels_last float32 CPU input under autograd; the forward where conv1x1_forward_pays, the
+    backward where conv1x1_backward_pays), else F.conv2d."""
     if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and is_channels_last(x)
-            and x.dtype == torch.float32 and not conv1x1_problems(x, weight)
-            and conv1x1_backward_pays(x, weight.shape[0])):
-        return Conv1x1Function.apply(x, weight)
+            and x.dtype == torch.float32 and not conv1x1_problems(x, weight)):
+        fwd, bwd = conv1x1_forward_pays(x, weight.shape[0]), conv1x1_backward_pays(x, weight.shape[0])
+        if fwd or bwd:
+            return Conv1x1Function.apply(x, weight, fwd, bwd)
     return F.conv2d(x, weight)
