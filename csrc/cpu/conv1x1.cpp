@@ -127,6 +127,8 @@ struct RowsFor {
 constexpr int kMaxNV = 4;
 // Pixels per block: a multiple of every RowsFor value, and the block's g and x rows stay in L1.
 constexpr int64_t kBlockRows = 48;
+// The backward's least rows per task (see backward_kernel).
+constexpr int64_t kMinTaskRows = 384;
 
 template <typename T>
 using MicroFn = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, const T*,
@@ -245,14 +247,18 @@ struct Backward {
   }
 
   // grad_w (N x K) from the tasks' partials, summed in task order in float64.
+  // (Per element, in task order: any split of the elements over threads gives the same sums.)
   void reduce(const std::vector<T>& part, int64_t ntasks, T* gw) const {
-    std::vector<double> sum(static_cast<size_t>(wsize), 0.0);
-    for (int64_t t = 0; t < ntasks; ++t) {
-      const T* pt = part.data() + t * wsize;
-      for (int64_t i = 0; i < wsize; ++i) sum[size_t(i)] += double(pt[i]);
-    }
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) gw[n * K + k] = T(sum[size_t(wt ? k * wpitch + n : n * wpitch + k)]);
+    const T* pp = part.data();
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K * ntasks, 1)), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t at = wt ? k * wpitch + n : n * wpitch + k;
+          double acc = 0.0;
+          for (int64_t t = 0; t < ntasks; ++t) acc += double(pp[t * wsize + at]);
+          gw[n * K + k] = T(acc);
+        }
+    });
   }
 };
 
@@ -264,7 +270,11 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* a, const T* c,
   const Backward<T> plan(w, a, c, N, K);
   const int64_t blocks = (P + kBlockRows - 1) / kBlockRows;
   const int64_t bytes = P * (N + K) * int64_t(sizeof(T));
-  const int64_t ntasks = std::max<int64_t>(1, std::min<int64_t>({blocks, int64_t(64), bytes / (128 * 1024)}));
+  // Every task zeroes, fills and hands in a grad_w partial of N x K: with both sides wide (7 x 7 maps, 96 x 576)
+  // tasks of one block made that merge the bulk of the work (0.4x oneDNN), so a task takes at least
+  // kMinTaskRows rows.
+  const int64_t by_rows = std::max<int64_t>(1, P / kMinTaskRows);
+  const int64_t ntasks = std::max<int64_t>(1, std::min<int64_t>({blocks, int64_t(64), bytes / (128 * 1024), by_rows}));
   const int64_t per = (blocks + ntasks - 1) / ntasks * kBlockRows;  // rows per task, whole blocks
   std::vector<T> part(gw != nullptr ? static_cast<size_t>(ntasks * plan.wsize) : 0, T(0));
   const bool gx_nt = gx != nullptr && simd::stream_ok(gx, P, K, simd::kStreamBytes);
