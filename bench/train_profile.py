@@ -4,8 +4,10 @@ The providers and their set-up are bench/test_bench_train.py's (same model, batc
 memory); each runs in its own process, as there. torch.profiler records STEPS steps after a warm-up,
 and every op's *self* CPU time is put in one class:
 
-- conv_forward / conv_backward   ATen's (oneDNN) convolutions: all of the plain loop's; the trainer's
-                                  stems, 1x1 convs and the depthwise ones its kernels leave to oneDNN
+- conv_forward / conv_backward   the convolutions but the depthwise ones fastface's kernels run: all of the
+                                  plain loop's (ATen's, oneDNN); the trainer's stems, the 1x1 convs (oneDNN's,
+                                  or fastface.ops.conv1x1's kernels where they pay) and the depthwise ones its
+                                  kernels leave to oneDNN
 - dwconv                          fastface's depthwise kernels (fastface.ops.dwconv_train: forward,
                                   one-pass backward, with an expand BN + ReLU6 folded in where one
                                   precedes them; dwconv_forward_stats, the forward that also reduces
@@ -24,9 +26,9 @@ and every op's *self* CPU time is put in one class:
 - other                           everything else (FC + margin loss, autograd glue, allocation);
                                   its largest ops are listed
 
-The point of the table is the ceiling it implies: a trainer that kept its oneDNN convolutions and
-made everything else free could be at most plain step / trainer oneDNN conv time faster than the
-plain loop (printed as `ceiling`). The plain loop's
+The point of the table is the ceiling it implies: a trainer that kept its convolutions as they are and
+made everything else free could be at most plain step / trainer conv time faster than the plain loop
+(printed as `ceiling`). The plain loop's
 own convolutions take longer than the trainer's: they page-fault their outputs in (the trainer
 runs inside fastface.ops.cpu_cache); plain_channels_last_cache shows the loop without that.
 
@@ -53,9 +55,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
 CLASSES = {
-    "conv_forward": ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::conv2d",
+    "conv_forward": ("fastface::conv1x1_forward", "Conv1x1Function",
+                     "aten::mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::conv2d",
                      "aten::_convolution_mode"),
-    "conv_backward": ("aten::convolution_backward", "ConvolutionBackward0",
+    "conv_backward": ("fastface::conv1x1_backward", "Conv1x1FunctionBackward",
+                      "autograd::engine::evaluate_function: Conv1x1FunctionBackward",
+                      "aten::convolution_backward", "ConvolutionBackward0",
                       "autograd::engine::evaluate_function: ConvolutionBackward0"),
     "bn_act": ("aten::native_batch_norm", "aten::_native_batch_norm_legit", "aten::_batch_norm_impl_index",
                "aten::batch_norm", "aten::native_batch_norm_backward", "aten::_batch_norm_with_update",
@@ -172,8 +177,9 @@ def main() -> None:
               "machine": platform.platform(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "providers": rows,
               "ceiling": {"baseline": base, "trainer": fast, "value": ceiling,
-                          "meaning": f"{base} step (unprofiled) / {fast} oneDNN conv time (profiled): the most a "
-                                     "trainer that keeps these convolutions could gain"}}
+                          "meaning": f"{base} step (unprofiled) / {fast} conv time (profiled; oneDNN's and "
+                                     "fastface's 1x1 kernels): the most a trainer that keeps these convolutions "
+                                     "could gain"}}
     classes = ["conv_forward", "conv_backward", "dwconv", "bn_act", "optimizer", "other"]
     lines = [f"| provider | step (ms) | profiled step (ms) | {' | '.join(classes)} |",
              "|---|---:|---:|" + "---:|" * len(classes)]
@@ -184,7 +190,7 @@ def main() -> None:
         lines.append(f"| {name} | {r['step_ms']:.1f} | {r['profiled_step_ms']:.1f} | {' | '.join(cells)} |")
     lines.append("")
     lines.append(f"ceiling: {base} step / {fast} convolution time = **{ceiling:.2f}x** "
-                 f"(the most {fast} could gain over {base} while its oneDNN convolutions stay oneDNN's)")
+                 f"(the most {fast} could gain over {base} while its convolutions stay as they are)")
     for name, r in rows.items():
         slow = r["profiled_step_ms"] / r["step_ms"]
         if slow > 1.5:  # seen for the plain loop without the cache: its page faults grow under the profiler
