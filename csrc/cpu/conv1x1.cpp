@@ -1,5 +1,7 @@
-// A 1x1 convolution's backward on the CPU in one pass over its output gradient (channels_last):
+// A 1x1 convolution (groups 1, no bias) on the CPU, channels_last: its forward, and its backward in one pass
+// over the output gradient:
 //
+//   conv1x1_forward(x, w) -> x w^T per pixel
 //   conv1x1_backward(g, x, w, a?, c?, mask) -> (grad_x, grad_w)
 //     grad_x = g w - x a - c      per pixel (a: Cin x Cin, c: Cin; both optional: expand_dwconv's BN
 //                                 correction folded in, so its grouped_linear_sub pass is not needed)
@@ -7,8 +9,10 @@
 //
 // ATen's (oneDNN's) backward runs two primitives, each reading g (the wide side of MobileNetV2's expand
 // convs: 6 Cin channels) from memory; on the face model's large maps (Cin or Cout 16..32 at 28 x 28 and
-// 56 x 56) they ran at 76-114 GFLOP/s where the box's sgemm does ~175. Here each task walks its rows in
-// blocks small enough for L1 and computes both products from the block while it is there.
+// 56 x 56) they ran at 76-114 GFLOP/s where its large GEMMs reach ~200. Here each task walks its rows in
+// blocks small enough for L1 and computes both products from the block while it is there. Both kernels share
+// one register-blocked micro-kernel (micro), prefetch the next block as they go and write large outputs with
+// non-temporal stores.
 //
 // Tasks are fixed by the shape alone and grad_w's per-task partials (T, one task's rows each) are summed
 // in task order in float64, so results do not depend on the thread count.
@@ -179,7 +183,7 @@ FF_ALWAYS_INLINE void column_blocks(int64_t ncols, F&& body) {
 }
 
 // The backward's operands prepared once per call: w, -a and -c with rows padded to whole vectors (zero
-// lanes, so their loads need no mask), and grad_w's orientation. rows() computes one block of pixels:
+// lanes, so their loads need no mask), and grad_w's orientation. rows_of_block() computes one block of pixels:
 // grad_x rows = g w - x a - c, and the block's g^T x added to a task's partial.
 template <typename T>
 struct Backward {
@@ -246,8 +250,8 @@ struct Backward {
     }
   }
 
-  // grad_w (N x K) from the tasks' partials, summed in task order in float64.
-  // (Per element, in task order: any split of the elements over threads gives the same sums.)
+  // grad_w (N x K) from the tasks' partials, summed per element in task order in float64 (any split of the
+  // elements over threads gives the same sums).
   void reduce(const std::vector<T>& part, int64_t ntasks, T* gw) const {
     const T* pp = part.data();
     at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K * ntasks, 1)), [&](int64_t n0, int64_t n1) {
