@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "aten_tasks.h"
+#include "fused_tiles.h"
 #include "layout.h"
 #include "simd.h"
 
@@ -123,13 +124,7 @@ void micro(int64_t kn, const T* A, int64_t sai, int64_t sak, const T* B, int64_t
     }
 }
 
-// Rows per register block for NV vectors of columns: ~16-24 accumulators, enough independent FMA chains.
-template <int NV>
-struct RowsFor {
-  static constexpr int value = NV == 1 ? 16 : NV == 2 ? 12 : NV == 3 ? 8 : 6;
-};
-constexpr int kMaxNV = 4;
-// Pixels per block: a multiple of every RowsFor value, and the block's g and x rows stay in L1.
+// Pixels per block: a multiple of every tiles::MrFor value, and the block's g and x rows stay in L1.
 constexpr int64_t kBlockRows = 48;
 // The backward's least rows per task (see backward_kernel).
 constexpr int64_t kMinTaskRows = 384;
@@ -139,45 +134,27 @@ using MicroFn = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t,
                          int64_t, const T*, int64_t, T*, int64_t, typename Vec<T>::mask, typename Vec<T>::mask,
                          const char*, int64_t, bool);
 
-template <typename T, int NV, int MR>
-struct Table {
-  static void fill(MicroFn<T>* t) {
-    t[MR - 1] = &micro<T, MR, NV>;
-    Table<T, NV, MR - 1>::fill(t);
-  }
-};
-template <typename T, int NV>
-struct Table<T, NV, 0> {
-  static void fill(MicroFn<T>*) {}
+template <typename T>
+struct Kernel {
+  template <int MR, int NV>
+  struct At {
+    static constexpr MicroFn<T> fn = &micro<T, MR, NV>;
+  };
 };
 
 template <typename T>
-struct Micros {
-  MicroFn<T> fn[kMaxNV][16] = {};
-  Micros() {
-    Table<T, 1, RowsFor<1>::value>::fill(fn[0]);
-    Table<T, 2, RowsFor<2>::value>::fill(fn[1]);
-    Table<T, 3, RowsFor<3>::value>::fill(fn[2]);
-    Table<T, 4, RowsFor<4>::value>::fill(fn[3]);
-  }
-  static const Micros& get() {
-    static const Micros m;
-    return m;
-  }
-};
-
-inline int rows_for(int nv) {
-  return nv == 1 ? RowsFor<1>::value : nv == 2 ? RowsFor<2>::value : nv == 3 ? RowsFor<3>::value : RowsFor<4>::value;
+const auto& micros() {
+  return tiles::MicroTable<MicroFn<T>, Kernel<T>::template At>::get();
 }
 
-// For column blocks of at most kMaxNV vectors over ncols columns: body(c0, nv, lm) with lm the last
+// For column blocks of at most tiles::kMaxNV vectors over ncols columns: body(c0, nv, lm) with lm the last
 // vector's mask.
 template <typename T, class F>
 FF_ALWAYS_INLINE void column_blocks(int64_t ncols, F&& body) {
   using V = Vec<T>;
   constexpr int L = V::L;
-  for (int64_t c0 = 0; c0 < ncols; c0 += kMaxNV * L) {
-    const int nv = int(std::min<int64_t>(kMaxNV, (ncols - c0 + L - 1) / L));
+  for (int64_t c0 = 0; c0 < ncols; c0 += tiles::kMaxNV * L) {
+    const int nv = int(std::min<int64_t>(tiles::kMaxNV, (ncols - c0 + L - 1) / L));
     body(c0, nv, V::tail(ncols - c0 - int64_t(nv - 1) * L));
   }
 }
@@ -217,13 +194,13 @@ struct Backward {
   // task's grad_w partial, wsize; null: none) += their product; pf: lines to prefetch as the kernels go.
   void rows_of_block(const T* gb, const T* xb, int64_t rows, T* gxb, bool gx_nt, T* pw, Prefetch& pf) const {
     using V = Vec<T>;
-    const Micros<T>& tab = Micros<T>::get();
+    const auto& tab = micros<T>();
     const T* na = nap.empty() ? nullptr : nap.data();
     const T* nc = ncp.empty() ? nullptr : ncp.data();
     const char* at = nullptr;
     if (gxb != nullptr) {
       column_blocks<T>(K, [&](int64_t c0, int nv, typename V::mask lm) {
-        const int MR = rows_for(nv);
+        const int MR = tiles::mr_for(nv);
         for (int64_t r = 0; r < rows; r += MR) {
           const int mr = int(std::min<int64_t>(MR, rows - r));
           const int64_t npf = pf.take(N, at);
@@ -238,7 +215,7 @@ struct Backward {
       const T* rows_b = wt ? gb : xb;  // B[p, cols]
       const int64_t lda = wt ? K : N, ldb = wt ? N : K;
       column_blocks<T>(wcols, [&](int64_t c0, int nv, typename V::mask lm) {
-        const int MR = rows_for(nv);
+        const int MR = tiles::mr_for(nv);
         for (int64_t i0 = 0; i0 < wrows; i0 += MR) {
           const int mr = int(std::min<int64_t>(MR, wrows - i0));
           T* acc = pw + i0 * wpitch + c0;
@@ -306,7 +283,7 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* a, const T* c,
 template <typename T>
 void forward_kernel(const T* x, const T* w, T* z, int64_t P, int64_t N, int64_t K) {
   using V = Vec<T>;
-  const Micros<T>& tab = Micros<T>::get();
+  const auto& tab = micros<T>();
   const int64_t Np = simd::padded<T>(N);
   std::vector<T> wt(static_cast<size_t>(K * Np), T(0));  // w^T, rows padded
   for (int64_t n = 0; n < N; ++n)
@@ -328,7 +305,7 @@ void forward_kernel(const T* x, const T* w, T* z, int64_t P, int64_t N, int64_t 
       }
       const char* at = nullptr;
       column_blocks<T>(N, [&](int64_t c0, int nv, typename V::mask lm) {
-        const int MR = rows_for(nv);
+        const int MR = tiles::mr_for(nv);
         for (int64_t r = 0; r < rows; r += MR) {
           const int mr = int(std::min<int64_t>(MR, rows - r));
           const int64_t npf = pf.take(K, at);
@@ -375,7 +352,8 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_backward_cpu(const at::Tensor& grad_,
                 op, ": c must be a (", K, ") CPU tensor of x's dtype, got ", c_->sizes());
   }
   const at::Tensor g = rows_of(grad_), x = rows_of(x_), w = w_.contiguous();
-  const at::Tensor a = a_.has_value() ? a_->contiguous() : at::Tensor(), c = c_.has_value() ? c_->contiguous() : at::Tensor();
+  const at::Tensor a = a_.has_value() ? a_->contiguous() : at::Tensor();
+  const at::Tensor c = c_.has_value() ? c_->contiguous() : at::Tensor();
   const int64_t P = x.numel() / K;
   at::Tensor gx = mask[0] ? at::empty_like(x, x.options(), at::MemoryFormat::ChannelsLast) : x.new_empty({0});
   at::Tensor gw = mask[1] ? at::empty_like(w, w.options(), at::MemoryFormat::Contiguous) : w.new_empty({0});
@@ -406,7 +384,8 @@ at::Tensor conv1x1_forward_cpu(const at::Tensor& x_, const at::Tensor& w_) {
   TORCH_CHECK(x_.numel() > 0 && w_.size(0) > 0, op, ": x ", x_.sizes(), " or weight ", w_.sizes(), " is empty");
   const at::Tensor x = rows_of(x_), w = w_.contiguous();
   const int64_t K = x.size(1), N = w.size(0), P = x.numel() / K;
-  at::Tensor z = at::empty({x.size(0), N, x.size(2), x.size(3)}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor z =
+      at::empty({x.size(0), N, x.size(2), x.size(3)}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_forward_cpu", [&] {
     forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), P, N, K);
   });

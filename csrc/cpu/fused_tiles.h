@@ -216,39 +216,47 @@ struct MrFor {
 };
 constexpr int kMaxNV = 4;
 
+inline int mr_for(int nv) { return nv == 1 ? MrFor<1>::value : nv == 2 ? MrFor<2>::value : nv == 3 ? MrFor<3>::value
+                                                                                                   : MrFor<4>::value; }
+
+// A register-blocked micro-kernel per shape (NV vectors of columns, MR = 1..MrFor<NV> rows), looked up at run
+// time: fn[nv - 1][mr - 1] = Kernel<mr, nv>::fn. Every shape is its own instantiation, so the accumulator arrays
+// stay compile-time sized (and in registers). Serves this file's gemm and conv1x1.cpp's kernels.
+template <typename Fn, template <int, int> class Kernel>
+struct MicroTable {
+  Fn fn[kMaxNV][16] = {};
+  MicroTable() {
+    fill<1>();
+    fill<2>();
+    fill<3>();
+    fill<4>();
+  }
+  static const MicroTable& get() {
+    static const MicroTable t;
+    return t;
+  }
+
+ private:
+  template <int NV, int MR = MrFor<NV>::value>
+  void fill() {
+    if constexpr (MR > 0) {
+      fn[NV - 1][MR - 1] = Kernel<MR, NV>::fn;
+      fill<NV, MR - 1>();
+    }
+  }
+};
+
 template <typename T>
 using MicroFn = void (*)(int64_t, const T*, int64_t, const T*, int64_t, const T*, T* const*, const T* const*, int64_t,
                          Epilogue, typename Vec<T>::mask, typename Vec<T>::mask);
 
-template <typename T, int NV, int MR>
-struct MicroTable {
-  static void fill(MicroFn<T>* t) {
-    t[MR - 1] = &gemm_micro<T, MR, NV>;
-    MicroTable<T, NV, MR - 1>::fill(t);
-  }
-};
-template <typename T, int NV>
-struct MicroTable<T, NV, 0> {
-  static void fill(MicroFn<T>*) {}
-};
-
 template <typename T>
-struct Micro {
-  MicroFn<T> fn[kMaxNV][16] = {};
-  Micro() {
-    MicroTable<T, 1, MrFor<1>::value>::fill(fn[0]);
-    MicroTable<T, 2, MrFor<2>::value>::fill(fn[1]);
-    MicroTable<T, 3, MrFor<3>::value>::fill(fn[2]);
-    MicroTable<T, 4, MrFor<4>::value>::fill(fn[3]);
-  }
-  static const Micro& get() {
-    static const Micro m;
-    return m;
-  }
+struct GemmMicro {
+  template <int MR, int NV>
+  struct At {
+    static constexpr MicroFn<T> fn = &gemm_micro<T, MR, NV>;
+  };
 };
-
-inline int mr_for(int nv) { return nv == 1 ? MrFor<1>::value : nv == 2 ? MrFor<2>::value : nv == 3 ? MrFor<3>::value
-                                                                                                   : MrFor<4>::value; }
 
 // crow(m) -> T* and rrow(m) -> const T* (residual rows; ignored unless epi == kResidual).
 // full_store: C rows have a padded pitch, so whole vectors may be written past N.
@@ -257,7 +265,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
           const CRow& crow, const RRow& rrow, Epilogue epi, bool full_store) {
   using V = Vec<T>;
   constexpr int L = V::L;
-  const Micro<T>& tab = Micro<T>::get();
+  const auto& tab = MicroTable<MicroFn<T>, GemmMicro<T>::template At>::get();
   T* cp[16];
   const T* rp[16];
   for (int64_t n0 = 0; n0 < N; n0 += kMaxNV * L) {
