@@ -98,19 +98,18 @@ def conv1x1_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def conv1x1_forward_pays(x: torch.Tensor, cout: int) -> bool:
     """Whether the C++ forward beat oneDNN's on this channels_last float32 input here: maps of at least 28 x 28
-    with at most 32 channels on one side (the face model's 16 -> 96 and 32 -> 16 at 56 x 56: 1.4-2.2x, its
-    28 x 28 layers 1.1-1.2x), where oneDNN's small-channel GEMMs are memory-bound, and maps of 7 x 7 to 13 x 13
-    (its 7 x 7 layers, 64..576 channels: 1.07-1.7x, where oneDNN's GEMMs of 3136 rows ran at 65-85 % of this
-    one's rate); 0.7-0.96x at 14 x 14 and ~1.0x at 4 x 4 (bench/test_bench_conv1x1.py,
-    bench/results/conv1x1_cpu.json)."""
+    with at most 32 channels on one side (the face model's 16 -> 96 and 32 -> 16 at 56 x 56: 1.38-2.12x, its
+    28 x 28 layers 1.03-1.18x), where oneDNN's small-channel GEMMs are memory-bound, and maps of 7 x 7 to 13 x 13
+    (its 7 x 7 layers, 64..576 channels: 1.01-1.48x); 0.65-0.9x at 14 x 14 and 0.83-1.1x at 4 x 4
+    (bench/test_bench_conv1x1.py, bench/results/conv1x1_cpu.json)."""
     side = min(x.shape[2], x.shape[3])
     return (side >= 28 and min(x.shape[1], cout) <= 32) or 7 <= side < 14
 
 
 def conv1x1_backward_pays(x: torch.Tensor, cout: int) -> bool:
     """Whether the one-pass C++ backward beat oneDNN's here: maps of at least 14 x 14 with at most 32 channels on one
-    side (1.7-1.8x at 56 x 56, 1.4-1.6x at 28 x 28, 1.2-1.4x at 14 x 14); with both sides wide (the 7 x 7 and
-    4 x 4 layers, 64..1280 channels) oneDNN's GEMMs run at the box's peak and this one at 0.3-1.1x of them
+    side (1.32-1.5x at 56 x 56, 1.23-1.42x at 28 x 28, 1.07-1.32x at 14 x 14); with both sides wide (the 7 x 7 and
+    4 x 4 layers, 64..1280 channels) oneDNN's GEMMs run at ~180 GFLOP/s and this one at 0.88-1.18x of them
     (bench/test_bench_conv1x1.py, bench/results/conv1x1_cpu.json)."""
     return min(x.shape[2], x.shape[3]) >= 14 and min(x.shape[1], cout) <= 32
 
