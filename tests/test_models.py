@@ -259,6 +259,13 @@ def test_fused_training_equals_unfused(monkeypatch, split, merge, channels_last)
     assert all(int(b) == 2 for n, b in fused.named_buffers() if n.endswith("num_batches_tracked"))
 
 
+def _act_dw_folds(li) -> bool:
+    """Whether the model folds block li's expand BN + ReLU6 into its depthwise conv (the measured rule)."""
+    from fastface.ops.dwconv_train import bn_act_dwconv_pays
+
+    return bn_act_dwconv_pays(torch.empty(1, 1, li.size_in, li.size_in), li.stride)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("split,merge", [(0, "add"), (1, "add"), (1, "concat"), (3, "add"), (4, "concat")])
 def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
@@ -285,11 +292,11 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
         _train_and_compare_f32(ref, fused, x)
     assert not dw_spy.calls
     # Every BatchNorm2d of the trunk, stems and last conv runs in bn_act, except a block's expand BN, which
-    # runs folded into its depthwise conv (_bn_act_dwconv_train) where that pays (inputs of >= 7 x 7; this
+    # runs folded into its depthwise conv (_bn_act_dwconv_train) where that pays (bn_act_dwconv_pays; this
     # net has both kinds); grouped branch layers (split >= 2) run one call per BN position for all branches;
     # a concat merge's BN stays the plain module; the two stems of an add merge at split 1 run as one bn_add_act;
     # a block's depthwise BN runs under DwBNActFunction (_stage_bn_act_train), not as a bn_act call, where its
-    # conv is the C++ forward: after an expand BN folded into it (>= 7 x 7), or alone where that pays (stride 1,
+    # conv is the C++ forward: after an expand BN folded into it, or alone where that pays (stride 1,
     # >= 28 x 28).
     from fastface.models.mobilenetv2 import ConvBNAct
 
@@ -298,12 +305,12 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
     grouped_layers = [fused.layer(j, mod) for j in range(1, spec.split) for mod in spec.inputs]
     grouped = sum(isinstance(m, ConvBNAct) for layer in grouped_layers for m in layer.modules())
     expand = [li for li in spec.layers() if li.kind == "block" and li.expand]
-    folded = sum(li.size_in >= 7 for li in expand)  # one call per layer: branch copies run grouped
+    folded = sum(_act_dw_folds(li) for li in expand)  # one call per layer: branch copies run grouped
     assert 0 < folded < len(expand) and len(act_dw_spy.calls) == 2 * folded
     assert len(gdc_spy.calls) == 2  # the GDC head's global depthwise conv as a weighted sum
     stems_added = g if (split == 1 and merge == "add" and g == 2) else 0
     assert len(add_spy.calls) == 2 * (stems_added > 0)
-    tails = sum(li.size_in >= 7 if li.expand else (li.stride == 1 and li.size_in >= 28)
+    tails = sum(_act_dw_folds(li) if li.expand else (li.stride == 1 and li.size_in >= 28)
                 for li in spec.layers() if li.kind == "block")
     assert 0 < tails and len(tail_spy.calls) == 2 * tails
     assert len(bn_spy.calls) == 2 * (n_conv - grouped + grouped // g - folded - stems_added - tails)
@@ -329,7 +336,7 @@ def test_expand_dwconv_training_equals_unfused(monkeypatch, split, merge):
     spy, act_dw_spy = _Spy(monkeypatch, "_expand_dwconv_train"), _Spy(monkeypatch, "_bn_act_dwconv_train")
     _train_and_compare(ref, fused, x)
     expand = [li for li in spec.layers() if li.kind == "block" and li.expand]
-    folded = sum(li.size_in >= 7 for li in expand)
+    folded = sum(_act_dw_folds(li) for li in expand)
     assert 0 < folded and len(spy.calls) == 2 * folded and not act_dw_spy.calls
     if split >= 3:  # a grouped branch layer folded too
         assert any(c[3] > 1 for c in spy.calls)

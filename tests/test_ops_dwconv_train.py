@@ -284,9 +284,9 @@ def test_problems_name_what_the_kernel_cannot_take():
     why = " ".join(dwconv_kernel_problems(x, torch.randn(4, 1, 5, 5), 3, 2))
     assert "float16" in why and "3 x 3" in why and "stride 3" in why
     assert dwconv_backward_pays(torch.empty(1, 1, 7, 7), 1) and dwconv_backward_pays(torch.empty(1, 1, 14, 14), 2)
-    assert not dwconv_backward_pays(torch.empty(1, 1, 4, 4), 1) and not dwconv_backward_pays(torch.empty(1, 1, 7, 6), 2)
-    assert bn_act_dwconv_pays(torch.empty(1, 1, 7, 7), 2) and not bn_act_dwconv_pays(torch.empty(1, 1, 6, 12), 2)
-    assert bn_act_dwconv_pays(torch.empty(1, 1, 7, 9), 1) and not bn_act_dwconv_pays(torch.empty(1, 1, 4, 4), 1)
+    assert dwconv_backward_pays(torch.empty(1, 1, 4, 4), 1) and not dwconv_backward_pays(torch.empty(1, 1, 7, 3), 2)
+    assert bn_act_dwconv_pays(torch.empty(1, 1, 7, 7), 2) and not bn_act_dwconv_pays(torch.empty(1, 1, 3, 12), 2)
+    assert bn_act_dwconv_pays(torch.empty(1, 1, 4, 9), 1) and not bn_act_dwconv_pays(torch.empty(1, 1, 3, 3), 1)
 
 
 def _fused_and_plain(monkeypatch, function, module, x):
@@ -351,9 +351,9 @@ def test_model_blocks_fold_the_expand_activation_into_the_depthwise_conv(monkeyp
 
 
 @needs_ext
-@pytest.mark.parametrize("size,stride", [(4, 1), (6, 2)])
+@pytest.mark.parametrize("size,stride", [(3, 1), (3, 2)])
 def test_model_blocks_with_small_inputs_keep_bn_act_before_the_depthwise_conv(monkeypatch, size, stride):
-    """Where the folded prologue does not pay (inputs under 7 x 7) the block runs bn_act + DwConvFunction instead,
+    """Where the folded prologue is not taken (inputs under 4 x 4, not measured) the block runs bn_act + DwConvFunction instead,
     with the same output and gradients as the plain modules."""
     from fastface.arch import LayerInfo
     from fastface.models.mobilenetv2 import InvertedResidual

@@ -107,9 +107,12 @@ struct Consts {
 // the cache anyway).
 constexpr int kPlain = 0, kMasked = 1, kStream = 2;
 
-// Channel vectors per backward sweep (see pixel): 2 was ~25-30 % faster than 1 on the face model's
-// 28x28 and 56x56 maps; 4 spilled the accumulators (slower at 64 and 96 channels).
-constexpr int kVecs = 2;
+// Channel vectors per backward sweep (see pixel). One: a vector's nine weights, nine grad_w accumulators and the
+// BN sums' two take most of the 32 registers, and with two vectors (once ~25-30 % faster, before BandPrefetch and
+// the sums) the compiler spilled the accumulators to the stack, a load and a store per tap. Ad-hoc A/B on the face
+// model's maps, 2 threads, inputs evicted before each call: with the sums one vector was 1.2-1.35x faster on 7 x 7
+// and 14 x 14 maps and 1.05-1.1x on 28 x 28 and 56 x 56 ones; without them 1.0-1.2x, 1.5x on 4 x 4 x 960.
+constexpr int kVecs = 1;
 
 // The backward's flavours: a plain conv, the BN + ReLU6 prologue, the prologue and the BN sums.
 constexpr int kNoPrologue = 0, kPrologue = 1, kPrologueSums = 2;

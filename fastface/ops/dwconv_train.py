@@ -157,9 +157,10 @@ if all(has_op(op) for op in _OPS):
 
 def dwconv_backward_pays(x: torch.Tensor, stride: int) -> bool:
     """Whether the one-pass backward beat oneDNN's on this (channels_last, float32) input here: maps of at least
-    7 x 7, either stride (the face model's layers at 2 threads, bench/test_bench_dwconv_train.py: 1.2-2.1x on
-    those; 0.86x on its 4 x 4 x 960 maps, left to oneDNN)."""
-    return min(x.shape[2], x.shape[3]) >= 7
+    4 x 4, either stride (the face model's layers at 2 threads, bench/test_bench_dwconv_train.py: 1.8-2.9x on
+    those, 1.6-1.7x on its 4 x 4 x 960 maps over three runs since the backward sweeps one channel vector at a time;
+    smaller maps not measured, left to oneDNN)."""
+    return min(x.shape[2], x.shape[3]) >= 4
 
 
 def dwconv_forward_pays(x: torch.Tensor, stride: int) -> bool:
@@ -171,10 +172,11 @@ def dwconv_forward_pays(x: torch.Tensor, stride: int) -> bool:
 
 def bn_act_dwconv_pays(e: torch.Tensor, stride: int) -> bool:
     """Whether BNActDwConvFunction beat bn_act + the depthwise conv on this (channels_last, float32) input here:
-    inputs of at least 7 x 7, either stride (1.2-1.9x on most of the face model's, 1.1-1.2x on its stride-2
-    7 x 7 x 576 layer, break-even on its 7 x 7 x 384 ones at 0.78-1.11x; 0.8-0.96x on its 4 x 4 x 960 inputs,
-    16 pixels an image per channel vector; bench/results/dwconv_train_cpu.json, bn_act_dwconv, five runs)."""
-    return min(e.shape[2], e.shape[3]) >= 7
+    inputs of at least 4 x 4, either stride (1.3-2.1x on the face model's 7 x 7 to 56 x 56 inputs, 1.09-1.12x on
+    its 4 x 4 x 960 ones, three runs of bench/test_bench_dwconv_train.py, bench/results/dwconv_train_cpu.json,
+    bn_act_dwconv; 0.8-0.96x there before the backward swept one channel vector at a time; smaller maps not
+    measured)."""
+    return min(e.shape[2], e.shape[3]) >= 4
 
 
 def run_stage(ctx, stage: type, *inputs):
