@@ -642,3 +642,34 @@ def test_gpu_model_routes_to_cudnn_unless_forced(monkeypatch, split):
         with use_backend("cuda"):
             torch.testing.assert_close(net(x), ref, atol=1e-4, rtol=1e-4)
     assert any(f is ir_block.impls["cuda"][0] for fns in net._resolved.values() for f, _ in fns)
+
+
+def test_gdc_head_train_matches_module_and_returns_channels_last_gradients():
+    """The training GDC head (one weighted sum per channel) equals GDCHead's own forward and backward, and hands its
+    input a channels_last gradient: an NCHW one made the last BN's backward copy the map first."""
+    import copy
+
+    from fastface.models.heads import GDCHead
+    from fastface.models.mobilenetv2 import _gdc_head_train
+
+    torch.manual_seed(SEED)
+    head = GDCHead(24, 5, 16).double().train()
+    ref = copy.deepcopy(head)
+    f = torch.randn(6, 24, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    f_ref = f.clone().requires_grad_()
+    f = f.requires_grad_()
+    mid, seen = f * 1.0, {}
+
+    def layout(g: torch.Tensor) -> None:
+        seen["cl"] = g.is_contiguous(memory_format=torch.channels_last)
+
+    mid.register_hook(layout)
+    y, y_ref = _gdc_head_train(head, mid), ref(f_ref)
+    torch.testing.assert_close(y, y_ref)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    (y_ref * w).sum().backward()
+    assert seen["cl"]
+    torch.testing.assert_close(f.grad, f_ref.grad)
+    for (name, p), p_ref in zip(head.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
