@@ -46,6 +46,17 @@ def test_a_freed_block_serves_the_next_allocation_of_its_size():
     assert after.enabled and cpu_cache_info().installed and not cpu_cache_info().enabled
 
 
+def test_blocks_from_64_kib_are_cached_and_smaller_ones_are_not():
+    """The threshold (min_bytes, 64 KiB): the face model's 0.1-1 MiB maps are cached too (at 1 MiB glibc handed
+    some of them fresh pages every step)."""
+    with cpu_cache():
+        assert cpu_cache_info().min_bytes == 64 << 10
+        a, b = _big(64 << 10), _big((64 << 10) - 1)
+        del a, b
+        info = cpu_cache_info()
+    assert info.cached_blocks == 1 and info.cached_bytes == 64 << 10
+
+
 def test_small_allocations_and_allocations_outside_the_scope_bypass_it():
     before = cpu_cache_info()
     with cpu_cache():

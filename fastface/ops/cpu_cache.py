@@ -2,7 +2,7 @@
 
 PyTorch has no CPU caching allocator: glibc returns every large block to the kernel on free, so
 each training step page-faults its activations and gradients in again. Inside ``cpu_cache()``
-blocks of 1 MiB or more are kept when freed and reused for the same size, the way CUDA's caching
+blocks of 64 KiB or more are kept when freed and reused for the same size, the way CUDA's caching
 allocator works; smaller ones, and everything outside the scope, use PyTorch's allocator
 unchanged. The idle blocks stay with the process until ``empty_cpu_cache()`` (at most
 ``FASTFACE_CPU_CACHE_MB`` MiB, default a quarter of physical memory; ``set_cpu_cache_limit``).
