@@ -255,8 +255,9 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* a, const T* c,
   // tasks of one block made that merge the bulk of the work (0.4x oneDNN), so a task takes at least
   // kMinTaskRows rows.
   const int64_t by_rows = std::max<int64_t>(1, P / kMinTaskRows);
-  const int64_t ntasks = std::max<int64_t>(1, std::min<int64_t>({blocks, int64_t(64), bytes / (128 * 1024), by_rows}));
-  const int64_t per = (blocks + ntasks - 1) / ntasks * kBlockRows;  // rows per task, whole blocks
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>({blocks, int64_t(64), bytes / (128 * 1024), by_rows}));
+  const int64_t per = (blocks + want - 1) / want * kBlockRows;  // rows per task, whole blocks
+  const int64_t ntasks = (P + per - 1) / per;                     // (rounding per up can leave tasks empty)
   std::vector<T> part(gw != nullptr ? static_cast<size_t>(ntasks * plan.wsize) : 0, T(0));
   const bool gx_nt = gx != nullptr && simd::stream_ok(gx, P, K, simd::kStreamBytes);
   for_tasks(P * N * K, ntasks, [&](int64_t t) {
@@ -291,8 +292,9 @@ void forward_kernel(const T* x, const T* w, T* z, int64_t P, int64_t N, int64_t 
   const T* wtp = wt.data();
   const bool nt = simd::stream_ok(z, P, N, simd::kStreamBytes);
   const int64_t blocks = (P + kBlockRows - 1) / kBlockRows;
-  const int64_t ntasks = std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(256)));
-  const int64_t per = (blocks + ntasks - 1) / ntasks * kBlockRows;
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(256)));
+  const int64_t per = (blocks + want - 1) / want * kBlockRows;
+  const int64_t ntasks = (P + per - 1) / per;  // e.g. 210 of 256 at 64 x 28 x 28: the rest would be empty
   for_tasks(P * N * K, ntasks, [&](int64_t t) {
     const int64_t p0 = std::min(P, t * per), p1 = std::min(P, p0 + per);
     for (int64_t b0 = p0; b0 < p1; b0 += kBlockRows) {
