@@ -68,60 +68,80 @@ struct Prefetch {
 // vectors of columns; A(i, k) = A[i * sai + k * sak], so one kernel serves g w (rows = pixels) and g^T x
 // (rows = output channels, k = pixels). init: null (zero), a row broadcast to every i (ldi 0) or rows
 // (ldi: pitch; C's own rows when accumulating). lm masks B's last vector, sm C's last vector.
-// Step k < npf also prefetches line k from pf; nt: C takes non-temporal stores.
-template <typename T, int MR, int NV>
+// Step k < npf also prefetches line k from pf; nt: C takes non-temporal stores (whole vectors only, so never
+// with HT). HT: the last vector is a simd::Half (a tail of at most half a vector at half the FMA cost).
+template <typename T, int MR, int NV, bool HT>
 void micro(int64_t kn, const T* A, int64_t sai, int64_t sak, const T* B, int64_t ldb, int64_t kn2, const T* A2,
            int64_t sai2, const T* B2, int64_t ldb2, const T* init, int64_t ldi, T* C, int64_t ldc,
            typename Vec<T>::mask lm, typename Vec<T>::mask sm, const char* pf, int64_t npf, bool nt) {
   using V = Vec<T>;
   using R = typename V::reg;
+  using H = simd::Half<T>;
+  using HR = typename H::reg;
   constexpr int L = V::L;
-  R acc[MR][NV];
+  constexpr int NF = HT ? NV - 1 : NV;  // whole vectors
+  constexpr int NA = NF > 0 ? NF : 1;
+  const typename H::mask hlm = H::from(lm), hsm = H::from(sm);
+  R acc[MR][NA];
+  HR acch[MR];
   FF_UNROLL
-  for (int i = 0; i < MR; ++i)
+  for (int i = 0; i < MR; ++i) {
     FF_UNROLL
-    for (int j = 0; j < NV; ++j)
-      acc[i][j] = init == nullptr ? V::zero() : V::load(init + i * ldi + j * L, j == NV - 1 ? sm : V::full());
+    for (int j = 0; j < NF; ++j)
+      acc[i][j] = init == nullptr ? V::zero() : V::load(init + i * ldi + j * L, !HT && j == NV - 1 ? sm : V::full());
+    if constexpr (HT) acch[i] = init == nullptr ? H::zero() : H::load(init + i * ldi + NF * L, hsm);
+  }
   for (int64_t k = 0; k < kn; ++k) {
     if (k < npf) prefetch_line(pf + k * 64);
-    R b[NV];
+    R b[NA];
+    HR bh;
     FF_UNROLL
-    for (int j = 0; j < NV; ++j) b[j] = j == NV - 1 ? V::load(B + k * ldb + j * L, lm) : V::load(B + k * ldb + j * L);
+    for (int j = 0; j < NF; ++j)
+      b[j] = !HT && j == NV - 1 ? V::load(B + k * ldb + j * L, lm) : V::load(B + k * ldb + j * L);
+    if constexpr (HT) bh = H::load(B + k * ldb + NF * L, hlm);
     const T* ak = A + k * sak;
     FF_UNROLL
     for (int i = 0; i < MR; ++i) {
-      const R a = V::set1(ak[i * sai]);
+      const T ai = ak[i * sai];
+      const R a = V::set1(ai);
       FF_UNROLL
-      for (int j = 0; j < NV; ++j) acc[i][j] = V::fmadd(a, b[j], acc[i][j]);
+      for (int j = 0; j < NF; ++j) acc[i][j] = V::fmadd(a, b[j], acc[i][j]);
+      if constexpr (HT) acch[i] = H::fmadd(H::low(a), bh, acch[i]);
     }
   }
   for (int64_t k = 0; k < kn2; ++k) {  // the correction term: x's own row (k along it) times -a
-    R b[NV];
+    R b[NA];
+    HR bh;
     FF_UNROLL
-    for (int j = 0; j < NV; ++j) b[j] = V::load(B2 + k * ldb2 + j * L);
+    for (int j = 0; j < NF; ++j) b[j] = V::load(B2 + k * ldb2 + j * L);
+    if constexpr (HT) bh = H::load(B2 + k * ldb2 + NF * L);
     FF_UNROLL
     for (int i = 0; i < MR; ++i) {
-      const R a = V::set1(A2[i * sai2 + k]);
+      const T ai = A2[i * sai2 + k];
+      const R a = V::set1(ai);
       FF_UNROLL
-      for (int j = 0; j < NV; ++j) acc[i][j] = V::fmadd(a, b[j], acc[i][j]);
+      for (int j = 0; j < NF; ++j) acc[i][j] = V::fmadd(a, b[j], acc[i][j]);
+      if constexpr (HT) acch[i] = H::fmadd(H::low(a), bh, acch[i]);
     }
   }
-  if (nt) {  // whole aligned vectors (simd::stream_ok)
+  if (!HT && nt) {  // whole aligned vectors (simd::stream_ok)
     FF_UNROLL
     for (int i = 0; i < MR; ++i)
       FF_UNROLL
-      for (int j = 0; j < NV; ++j) V::stream(C + i * ldc + j * L, acc[i][j]);
+      for (int j = 0; j < NF; ++j) V::stream(C + i * ldc + j * L, acc[i][j]);
     return;
   }
   FF_UNROLL
-  for (int i = 0; i < MR; ++i)
+  for (int i = 0; i < MR; ++i) {
     FF_UNROLL
-    for (int j = 0; j < NV; ++j) {
-      if (j == NV - 1)
+    for (int j = 0; j < NF; ++j) {
+      if (!HT && j == NV - 1)
         V::store(C + i * ldc + j * L, acc[i][j], sm);
       else
         V::store(C + i * ldc + j * L, acc[i][j]);
     }
+    if constexpr (HT) H::store(C + i * ldc + NF * L, acch[i], hsm);
+  }
 }
 
 // Pixels per block: a multiple of every tiles::MrFor value, and the block's g and x rows stay in L1.
@@ -134,28 +154,36 @@ using MicroFn = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t,
                          int64_t, const T*, int64_t, T*, int64_t, typename Vec<T>::mask, typename Vec<T>::mask,
                          const char*, int64_t, bool);
 
-template <typename T>
+template <typename T, bool HT>
 struct Kernel {
   template <int MR, int NV>
   struct At {
-    static constexpr MicroFn<T> fn = &micro<T, MR, NV>;
+    static constexpr MicroFn<T> fn = &micro<T, MR, NV, HT>;
   };
 };
 
+// micros<T>(ht)[nv - 1][mr - 1]: the micro-kernel of nv vectors (the last a simd::Half if ht) and mr rows.
 template <typename T>
-const auto& micros() {
-  return tiles::MicroTable<MicroFn<T>, Kernel<T>::template At>::get();
+using MicroTab = MicroFn<T>[tiles::kMaxNV][16];
+
+template <typename T>
+const MicroTab<T>& micros(bool ht) {
+  if constexpr (simd::kHasHalf) {
+    if (ht) return tiles::MicroTable<MicroFn<T>, Kernel<T, true>::template At>::get().fn;
+  }
+  return tiles::MicroTable<MicroFn<T>, Kernel<T, false>::template At>::get().fn;
 }
 
-// For column blocks of at most tiles::kMaxNV vectors over ncols columns: body(c0, nv, lm) with lm the last
-// vector's mask.
+// For column blocks of at most tiles::kMaxNV vectors over ncols columns: body(c0, nv, lm, ht) with lm the last
+// vector's mask and ht whether that vector is a simd::Half (a tail of at most half a vector).
 template <typename T, class F>
 FF_ALWAYS_INLINE void column_blocks(int64_t ncols, F&& body) {
   using V = Vec<T>;
   constexpr int L = V::L;
   for (int64_t c0 = 0; c0 < ncols; c0 += tiles::kMaxNV * L) {
     const int nv = int(std::min<int64_t>(tiles::kMaxNV, (ncols - c0 + L - 1) / L));
-    body(c0, nv, V::tail(ncols - c0 - int64_t(nv - 1) * L));
+    const int64_t tail = ncols - c0 - int64_t(nv - 1) * L;
+    body(c0, nv, V::tail(tail), simd::kHasHalf && tail <= simd::Half<T>::L);
   }
 }
 
@@ -194,17 +222,17 @@ struct Backward {
   // task's grad_w partial, wsize; null: none) += their product; pf: lines to prefetch as the kernels go.
   void rows_of_block(const T* gb, const T* xb, int64_t rows, T* gxb, bool gx_nt, T* pw, Prefetch& pf) const {
     using V = Vec<T>;
-    const auto& tab = micros<T>();
     const T* na = nap.empty() ? nullptr : nap.data();
     const T* nc = ncp.empty() ? nullptr : ncp.data();
     const char* at = nullptr;
     if (gxb != nullptr) {
-      column_blocks<T>(K, [&](int64_t c0, int nv, typename V::mask lm) {
+      column_blocks<T>(K, [&](int64_t c0, int nv, typename V::mask lm, bool ht) {
+        const auto& tab = micros<T>(ht);
         const int MR = tiles::mr_for(nv);
         for (int64_t r = 0; r < rows; r += MR) {
           const int mr = int(std::min<int64_t>(MR, rows - r));
           const int64_t npf = pf.take(N, at);
-          tab.fn[nv - 1][mr - 1](N, gb + r * N, N, 1, wp.data() + c0, Kp, na != nullptr ? K : 0, xb + r * K, K,
+          tab[nv - 1][mr - 1](N, gb + r * N, N, 1, wp.data() + c0, Kp, na != nullptr ? K : 0, xb + r * K, K,
                                  na != nullptr ? na + c0 : nullptr, Kp, nc != nullptr ? nc + c0 : nullptr, 0,
                                  gxb + r * K + c0, K, V::full(), lm, at, npf, gx_nt);
         }
@@ -214,13 +242,14 @@ struct Backward {
       const T* rows_a = wt ? xb : gb;  // A(i, p): the side along grad_w's rows
       const T* rows_b = wt ? gb : xb;  // B[p, cols]
       const int64_t lda = wt ? K : N, ldb = wt ? N : K;
-      column_blocks<T>(wcols, [&](int64_t c0, int nv, typename V::mask lm) {
+      column_blocks<T>(wcols, [&](int64_t c0, int nv, typename V::mask lm, bool ht) {
+        const auto& tab = micros<T>(ht);
         const int MR = tiles::mr_for(nv);
         for (int64_t i0 = 0; i0 < wrows; i0 += MR) {
           const int mr = int(std::min<int64_t>(MR, wrows - i0));
           T* acc = pw + i0 * wpitch + c0;
           const int64_t npf = pf.take(rows, at);
-          tab.fn[nv - 1][mr - 1](rows, rows_a + i0, 1, lda, rows_b + c0, ldb, 0, nullptr, 0, nullptr, 0, acc, wpitch,
+          tab[nv - 1][mr - 1](rows, rows_a + i0, 1, lda, rows_b + c0, ldb, 0, nullptr, 0, nullptr, 0, acc, wpitch,
                                  acc, wpitch, lm, V::full(), at, npf, false);
         }
       });
@@ -284,7 +313,6 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* a, const T* c,
 template <typename T>
 void forward_kernel(const T* x, const T* w, T* z, int64_t P, int64_t N, int64_t K) {
   using V = Vec<T>;
-  const auto& tab = micros<T>();
   const int64_t Np = simd::padded<T>(N);
   std::vector<T> wt(static_cast<size_t>(K * Np), T(0));  // w^T, rows padded
   for (int64_t n = 0; n < N; ++n)
@@ -306,12 +334,13 @@ void forward_kernel(const T* x, const T* w, T* z, int64_t P, int64_t N, int64_t 
         pf.end = reinterpret_cast<const char*>(x + std::min(p1, b0 + 2 * kBlockRows) * K);
       }
       const char* at = nullptr;
-      column_blocks<T>(N, [&](int64_t c0, int nv, typename V::mask lm) {
+      column_blocks<T>(N, [&](int64_t c0, int nv, typename V::mask lm, bool ht) {
+        const auto& tab = micros<T>(ht);
         const int MR = tiles::mr_for(nv);
         for (int64_t r = 0; r < rows; r += MR) {
           const int mr = int(std::min<int64_t>(MR, rows - r));
           const int64_t npf = pf.take(K, at);
-          tab.fn[nv - 1][mr - 1](K, xb + r * K, K, 1, wtp + c0, Np, 0, nullptr, 0, nullptr, 0, nullptr, 0,
+          tab[nv - 1][mr - 1](K, xb + r * K, K, 1, wtp + c0, Np, 0, nullptr, 0, nullptr, 0, nullptr, 0,
                                  z + (b0 + r) * N + c0, N, V::full(), lm, at, npf, nt);
         }
       });
