@@ -21,6 +21,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -258,8 +259,7 @@ struct Backward {
 
   // grad_w (N x K) from the tasks' partials, summed per element in task order in float64 (any split of the
   // elements over threads gives the same sums).
-  void reduce(const std::vector<T>& part, int64_t ntasks, T* gw) const {
-    const T* pp = part.data();
+  void reduce(const T* pp, int64_t ntasks, T* gw) const {
     at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K * ntasks, 1)), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
         for (int64_t k = 0; k < K; ++k) {
@@ -287,11 +287,13 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* a, const T* c,
   const int64_t want = std::max<int64_t>(1, std::min<int64_t>({blocks, int64_t(64), bytes / (128 * 1024), by_rows}));
   const int64_t per = (blocks + want - 1) / want * kBlockRows;  // rows per task, whole blocks
   const int64_t ntasks = (P + per - 1) / per;                     // (rounding per up can leave tasks empty)
-  std::vector<T> part(gw != nullptr ? static_cast<size_t>(ntasks * plan.wsize) : 0, T(0));
+  // Each task zeroes its own partial (in parallel, into its cache) rather than the caller the lot.
+  std::unique_ptr<T[]> part(gw != nullptr ? new T[static_cast<size_t>(ntasks * plan.wsize)] : nullptr);
   const bool gx_nt = gx != nullptr && simd::stream_ok(gx, P, K, simd::kStreamBytes);
   for_tasks(P * N * K, ntasks, [&](int64_t t) {
     const int64_t p0 = std::min(P, t * per), p1 = std::min(P, p0 + per);
-    T* pw = gw != nullptr ? part.data() + t * plan.wsize : nullptr;
+    T* pw = gw != nullptr ? part.get() + t * plan.wsize : nullptr;
+    if (pw != nullptr) std::fill(pw, pw + plan.wsize, T(0));
     for (int64_t b0 = p0; b0 < p1; b0 += kBlockRows) {
       const int64_t rows = std::min(p1, b0 + kBlockRows) - b0;
       Prefetch pf;  // the next block's g rows, then its x rows
@@ -306,7 +308,7 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* a, const T* c,
     }
     if (gx_nt) simd::stream_fence();
   });
-  if (gw != nullptr) plan.reduce(part, ntasks, gw);
+  if (gw != nullptr) plan.reduce(part.get(), ntasks, gw);
 }
 
 // z = x w^T: x P x K rows, w N x K, z P x N rows.

@@ -544,9 +544,9 @@ void backward_kernel(const Geo& G, const T* gy, const T* x, T* gx, const Consts<
   const bool nt = simd::stream_ok(gx, rows * G.W, C, simd::kStreamBytes);
   std::vector<int> cmask(static_cast<size_t>(G.W));
   for (int64_t ix = 0; ix < G.W; ++ix) cmask[size_t(ix)] = tap_mask<S>(ix, G.OW);
-  std::vector<double> part(static_cast<size_t>(ntasks * NACC * C), 0.0);
+  std::unique_ptr<double[]> part(new double[static_cast<size_t>(ntasks * NACC * C)]);  // every task writes its slice
   const int* cm = cmask.data();
-  double* partp = part.data();
+  double* partp = part.get();
   for_tasks(rows * G.W * C, ntasks, [&](int64_t t) {
     T* gwt = simd::scratch<T, 7>(size_t(NACC * Cp));
     std::fill(gwt, gwt + NACC * Cp, T(0));
