@@ -98,12 +98,13 @@ def conv1x1_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def conv1x1_forward_pays(x: torch.Tensor, cout: int) -> bool:
     """Whether the C++ forward beat oneDNN's on this channels_last float32 input here: maps of at least 28 x 28
-    with at most 32 channels on one side (the face model's 16 -> 96 and 32 -> 16 at 56 x 56: 1.38-2.12x, its
-    28 x 28 layers 1.03-1.18x), where oneDNN's small-channel GEMMs are memory-bound, and maps of 7 x 7 to 13 x 13
-    (its 7 x 7 layers, 64..576 channels: 1.01-1.48x); 0.65-0.9x at 14 x 14 and 0.83-1.1x at 4 x 4
-    (bench/test_bench_conv1x1.py, bench/results/conv1x1_cpu.json)."""
+    with at most 32 channels on one side (the face model's 56 x 56 and 28 x 28 layers: 1.22-1.89x), where oneDNN's
+    small-channel GEMMs are memory-bound, and maps of 7 x 7 up to 27 x 27 (its 14 x 14 layers 1.30-1.88x, its
+    7 x 7 layers, 64..576 channels, 1.04-1.44x); 0.93-1.06x at 4 x 4, left to oneDNN (bench/test_bench_conv1x1.py,
+    bench/results/conv1x1_cpu.json; the 14 x 14 layers ran at 0.65-0.9x before the kernel's tasks were balanced
+    over the threads)."""
     side = min(x.shape[2], x.shape[3])
-    return (side >= 28 and min(x.shape[1], cout) <= 32) or 7 <= side < 14
+    return (side >= 28 and min(x.shape[1], cout) <= 32) or 7 <= side < 28
 
 
 def conv1x1_backward_pays(x: torch.Tensor, cout: int) -> bool:
