@@ -150,6 +150,15 @@ constexpr int64_t kBlockRows = 48;
 // The backward's least rows per task (see backward_kernel).
 constexpr int64_t kMinTaskRows = 384;
 
+// Tasks of whole kBlockRows blocks over P rows, about `want` of them (1 <= want <= blocks(P)): per rows each, n
+// tasks, none empty (rounding per up to whole blocks left e.g. 46 of 256 forward tasks empty at 64 x 28 x 28).
+struct RowTasks {
+  static int64_t blocks(int64_t P) { return (P + kBlockRows - 1) / kBlockRows; }
+  RowTasks(int64_t P, int64_t want)
+      : per((blocks(P) + want - 1) / want * kBlockRows), n((P + per - 1) / per) {}
+  int64_t per, n;
+};
+
 template <typename T>
 using MicroFn = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, const T*,
                          int64_t, const T*, int64_t, T*, int64_t, typename Vec<T>::mask, typename Vec<T>::mask,
@@ -278,15 +287,15 @@ template <typename T>
 void backward_kernel(const T* g, const T* x, const T* w, const T* a, const T* c, T* gx, T* gw, int64_t P, int64_t N,
                      int64_t K) {
   const Backward<T> plan(w, a, c, N, K);
-  const int64_t blocks = (P + kBlockRows - 1) / kBlockRows;
+  const int64_t blocks = RowTasks::blocks(P);
   const int64_t bytes = P * (N + K) * int64_t(sizeof(T));
   // Every task zeroes, fills and hands in a grad_w partial of N x K: with both sides wide (7 x 7 maps, 96 x 576)
   // tasks of one block made that merge the bulk of the work (0.4x oneDNN), so a task takes at least
   // kMinTaskRows rows.
   const int64_t by_rows = std::max<int64_t>(1, P / kMinTaskRows);
-  const int64_t want = std::max<int64_t>(1, std::min<int64_t>({blocks, int64_t(64), bytes / (128 * 1024), by_rows}));
-  const int64_t per = (blocks + want - 1) / want * kBlockRows;  // rows per task, whole blocks
-  const int64_t ntasks = (P + per - 1) / per;                     // (rounding per up can leave tasks empty)
+  const RowTasks tasks(P,
+                       std::max<int64_t>(1, std::min<int64_t>({blocks, int64_t(64), bytes / (128 * 1024), by_rows})));
+  const int64_t per = tasks.per, ntasks = tasks.n;
   // Each task zeroes its own partial (in parallel, into its cache) rather than the caller the lot.
   std::unique_ptr<T[]> part(gw != nullptr ? new T[static_cast<size_t>(ntasks * plan.wsize)] : nullptr);
   const bool gx_nt = gx != nullptr && simd::stream_ok(gx, P, K, simd::kStreamBytes);
@@ -321,10 +330,8 @@ void forward_kernel(const T* x, const T* w, T* z, int64_t P, int64_t N, int64_t 
     for (int64_t k = 0; k < K; ++k) wt[size_t(k * Np + n)] = w[n * K + k];
   const T* wtp = wt.data();
   const bool nt = simd::stream_ok(z, P, N, simd::kStreamBytes);
-  const int64_t blocks = (P + kBlockRows - 1) / kBlockRows;
-  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(256)));
-  const int64_t per = (blocks + want - 1) / want * kBlockRows;
-  const int64_t ntasks = (P + per - 1) / per;  // e.g. 210 of 256 at 64 x 28 x 28: the rest would be empty
+  const RowTasks tasks(P, std::max<int64_t>(1, std::min<int64_t>(RowTasks::blocks(P), int64_t(256))));
+  const int64_t per = tasks.per, ntasks = tasks.n;
   for_tasks(P * N * K, ntasks, [&](int64_t t) {
     const int64_t p0 = std::min(P, t * per), p1 = std::min(P, p0 + per);
     for (int64_t b0 = p0; b0 < p1; b0 += kBlockRows) {
