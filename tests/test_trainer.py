@@ -221,17 +221,25 @@ def test_grad_clipping_bounds_the_global_norm(tiny_set, tmp_path):
     try:
         t.loader.set_epoch(0)
         batch = next(iter(t.loader))
-        norms = []
+        seen = []
         real_step = t.optimizer.step
 
-        def step_and_measure(*a, **k):
-            grads = [p.grad for g in t.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        def step_and_record(*a, **k):
+            seen.extend((p, g["weight_decay"], p.grad.clone(), p.detach().clone())
+                        for g in t.optimizer.param_groups for p in g["params"] if p.grad is not None)
             return real_step(*a, **k)
 
-        t.optimizer.step = step_and_measure
+        t.optimizer.step = step_and_record
         t.train_step([batch])
-        assert norms[0] == pytest.approx(0.01, rel=1e-4)  # the raw norm of this loss is far above 0.01
+        raw = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for _, _, g, _ in seen]))
+        assert raw > 1.0  # the raw norm of this loss is far above 0.01
+        # The fused step clips inside the update: on this first step (zeroed momentum) the buffer is the
+        # gradient it applied, d = clip(g) + wd * p, so clip(g) = buffer - wd * p.
+        applied = [t.optimizer.state[p]["momentum_buffer"] - wd * p0 for p, wd, _, p0 in seen]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in applied]))
+        assert float(norm) == pytest.approx(0.01, rel=1e-4)
+        for d, (_, _, g, _) in zip(applied, seen):
+            torch.testing.assert_close(d, g * (0.01 / (raw + 1e-6)), rtol=1e-4, atol=1e-9)
     finally:
         t.close()
 
