@@ -118,8 +118,11 @@ if has_op("dwconv_bn_act"):
         ctx.save_for_backward(x, weight, gamma, beta, mean, invstd)
         ctx.stride, ctx.relu6 = stride, relu6
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) grads
 
     def _op_backward(ctx, grad_y, _grad_mean, _grad_invstd):
+        if grad_y is None:  # (grads are not materialised: see set_materialize_grads)
+            return (None,) * len(ctx.needs_input_grad)
         x, weight, gamma, beta, mean, invstd = ctx.saved_tensors
         grads = torch.ops.fastface.dwconv_bn_act_backward(grad_y, x, weight, gamma, beta, mean, invstd, ctx.stride,
                                                           ctx.relu6)
@@ -195,10 +198,13 @@ class DwConvBNActFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, gamma, beta, mean, invstd)
         ctx.stride, ctx.relu6, ctx.backend = stride, relu6, backend
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) grads
         return y, mean, invstd
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
+        if grad_y is None:  # (grads are not materialised: see set_materialize_grads)
+            return (None,) * len(ctx.needs_input_grad)
         x, weight, gamma, beta, mean, invstd = ctx.saved_tensors
         gx, gw, gg, gb = _BACKWARD[ctx.backend](grad_y, x, weight, gamma, beta, mean, invstd, ctx.stride, ctx.relu6)
         return gx, gw, gg, gb, None, None, None, None

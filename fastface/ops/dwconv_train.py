@@ -185,6 +185,7 @@ def run_stage(ctx, stage: type, *inputs):
     outs, saved, ctx.attrs = stage.run(*inputs)
     ctx.save_for_backward(*saved)
     ctx.mark_non_differentiable(*outs[1:])
+    ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) grads
     return outs if len(outs) > 1 else outs[0]
 
 
@@ -223,6 +224,8 @@ class DwConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if grad_out is None:  # (grads are not materialised: see set_materialize_grads)
+            return (None,) * len(ctx.needs_input_grad)
         return DwConvFunction.grads(ctx.saved_tensors, ctx.attrs, ctx.needs_input_grad, grad_out)
 
 
@@ -257,6 +260,8 @@ class BNActDwConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z, _grad_mean, _grad_invstd):
+        if grad_z is None:  # (grads are not materialised: see set_materialize_grads)
+            return (None,) * len(ctx.needs_input_grad)
         return BNActDwConvFunction.grads(ctx.saved_tensors, ctx.attrs, ctx.needs_input_grad, grad_z)
 
 
@@ -285,10 +290,13 @@ class DwBNActFunction(torch.autograd.Function):
         ctx.stage, ctx.nsaved = stage, len(saved)
         ctx.save_for_backward(*saved, z, gamma, beta, mean, invstd)
         ctx.mark_non_differentiable(mean, invstd, *outs[3:])
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) grads
         return (y, mean, invstd, *outs[3:])
 
     @staticmethod
     def backward(ctx, grad_y, *_grad_stats):
+        if grad_y is None:  # (grads are not materialised: see set_materialize_grads)
+            return (None,) * len(ctx.needs_input_grad)
         tensors = ctx.saved_tensors
         saved, (z, gamma, beta, mean, invstd) = tensors[:ctx.nsaved], tensors[ctx.nsaved:]
         gz, gg, gb, _ = torch.ops.fastface.bn_act_backward(grad_y, z, gamma, beta, mean, invstd, None, True)

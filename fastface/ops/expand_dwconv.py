@@ -187,6 +187,8 @@ class ExpandDwConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z, _grad_mean, _grad_invstd):
+        if grad_z is None:  # (grads are not materialised: see set_materialize_grads)
+            return (None,) * len(ctx.needs_input_grad)
         return ExpandDwConvFunction.grads(ctx.saved_tensors, ctx.attrs, ctx.needs_input_grad, grad_z)
 
 
