@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fastface._ext import has_op
-from fastface.ops._common import like_input
+from fastface.ops._common import like_input, none_if_undefined, stats_outputs
 from fastface.ops.ir_block import MemoFusedOp, extension_reasons
 
 OP = "fastface::bn_act"
@@ -139,12 +139,10 @@ if has_op("bn_act"):
         _y, mean, invstd = output
         ctx.has_res, ctx.relu6 = residual is not None, relu6
         ctx.save_for_backward(x, gamma, beta, mean, invstd, residual if (relu6 and residual is not None) else None)
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) grads
+        stats_outputs(ctx, mean, invstd)
 
+    @none_if_undefined
     def _op_backward(ctx, grad_y, _grad_mean, _grad_invstd):
-        if grad_y is None:  # (grads are not materialised: see set_materialize_grads)
-            return (None,) * len(ctx.needs_input_grad)
         x, gamma, beta, mean, invstd, residual = ctx.saved_tensors
         gx, gg, gb, gr = torch.ops.fastface.bn_act_backward(grad_y, x, gamma, beta, mean, invstd, residual, ctx.relu6)
         if not ctx.has_res:
@@ -187,14 +185,12 @@ class BNActFunction(torch.autograd.Function):
         masked_res = relu6 and residual is not None
         ctx.save_for_backward(x, gamma, beta, mean, invstd, residual if masked_res else None)
         ctx.relu6, ctx.has_res, ctx.backend = relu6, residual is not None, backend
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) grads
+        stats_outputs(ctx, mean, invstd)
         return y, mean, invstd
 
     @staticmethod
+    @none_if_undefined
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
-        if grad_y is None:  # (grads are not materialised: see set_materialize_grads)
-            return (None,) * len(ctx.needs_input_grad)
         x, gamma, beta, mean, invstd, residual = ctx.saved_tensors
         gx, gg, gb, gr = _BACKWARD[ctx.backend](grad_y, x, gamma, beta, mean, invstd, residual, ctx.relu6)
         if not ctx.has_res:
@@ -291,12 +287,10 @@ if has_op("bn_add_act"):
         _y, mean, invstd, r_mean, r_invstd = output
         ctx.relu6 = relu6
         ctx.save_for_backward(x, gamma, beta, mean, invstd, r, r_gamma, r_beta, r_mean, r_invstd)
-        ctx.mark_non_differentiable(mean, invstd, r_mean, r_invstd)
-        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) grads
+        stats_outputs(ctx, mean, invstd, r_mean, r_invstd)
 
+    @none_if_undefined
     def _add_op_backward(ctx, grad_y, *_grad_stats):
-        if grad_y is None:  # (grads are not materialised: see set_materialize_grads)
-            return (None,) * len(ctx.needs_input_grad)
         return (*torch.ops.fastface.bn_add_act_backward(grad_y, *ctx.saved_tensors, ctx.relu6), None, None)
 
     torch.library.register_autograd(OP_ADD, _add_op_backward, setup_context=_add_setup_context)
@@ -323,14 +317,12 @@ class BNAddActFunction(torch.autograd.Function):
         _y, mean, invstd, r_mean, r_invstd = out
         ctx.save_for_backward(x, gamma, beta, mean, invstd, r, r_gamma, r_beta, r_mean, r_invstd)
         ctx.relu6, ctx.backend = relu6, backend
-        ctx.mark_non_differentiable(mean, invstd, r_mean, r_invstd)
-        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) grads
+        stats_outputs(ctx, mean, invstd, r_mean, r_invstd)
         return out
 
     @staticmethod
+    @none_if_undefined
     def backward(ctx, grad_y, *_grad_stats):
-        if grad_y is None:  # (grads are not materialised: see set_materialize_grads)
-            return (None,) * len(ctx.needs_input_grad)
         return (*_ADD_BACKWARD[ctx.backend](grad_y, *ctx.saved_tensors, ctx.relu6), None, None, None)
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastface._ext import has_op
-from fastface.ops._common import like_input
+from fastface.ops._common import like_input, none_if_undefined, stats_outputs
 from fastface.ops.ir_block import MemoFusedOp, extension_reasons, triton_kernel_reasons
 
 OP = "fastface::dwconv_bn_act"
@@ -117,12 +117,10 @@ if has_op("dwconv_bn_act"):
         _y, mean, invstd = output
         ctx.save_for_backward(x, weight, gamma, beta, mean, invstd)
         ctx.stride, ctx.relu6 = stride, relu6
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) grads
+        stats_outputs(ctx, mean, invstd)
 
+    @none_if_undefined
     def _op_backward(ctx, grad_y, _grad_mean, _grad_invstd):
-        if grad_y is None:  # (grads are not materialised: see set_materialize_grads)
-            return (None,) * len(ctx.needs_input_grad)
         x, weight, gamma, beta, mean, invstd = ctx.saved_tensors
         grads = torch.ops.fastface.dwconv_bn_act_backward(grad_y, x, weight, gamma, beta, mean, invstd, ctx.stride,
                                                           ctx.relu6)
@@ -197,14 +195,12 @@ class DwConvBNActFunction(torch.autograd.Function):
         y, mean, invstd = _FORWARD[backend](x, weight, gamma, beta, stride, eps, relu6)
         ctx.save_for_backward(x, weight, gamma, beta, mean, invstd)
         ctx.stride, ctx.relu6, ctx.backend = stride, relu6, backend
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) grads
+        stats_outputs(ctx, mean, invstd)
         return y, mean, invstd
 
     @staticmethod
+    @none_if_undefined
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
-        if grad_y is None:  # (grads are not materialised: see set_materialize_grads)
-            return (None,) * len(ctx.needs_input_grad)
         x, weight, gamma, beta, mean, invstd = ctx.saved_tensors
         gx, gw, gg, gb = _BACKWARD[ctx.backend](grad_y, x, weight, gamma, beta, mean, invstd, ctx.stride, ctx.relu6)
         return gx, gw, gg, gb, None, None, None, None

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from fastface._ext import has_op
-from fastface.ops._common import like_input
+from fastface.ops._common import like_input, none_if_undefined, stats_outputs
 from fastface.ops.bn_act import bn_act_reference, bn_stats_reference
 
 OP_FWD = "fastface::dwconv_forward"
@@ -184,8 +184,7 @@ def run_stage(ctx, stage: type, *inputs):
     after z non-differentiable; z alone when the stage has no statistics."""
     outs, saved, ctx.attrs = stage.run(*inputs)
     ctx.save_for_backward(*saved)
-    ctx.mark_non_differentiable(*outs[1:])
-    ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) grads
+    stats_outputs(ctx, *outs[1:])
     return outs if len(outs) > 1 else outs[0]
 
 
@@ -223,9 +222,8 @@ class DwConvFunction(torch.autograd.Function):
         return run_stage(ctx, DwConvFunction, x, weight, stride, padding)
 
     @staticmethod
+    @none_if_undefined
     def backward(ctx, grad_out):
-        if grad_out is None:  # (grads are not materialised: see set_materialize_grads)
-            return (None,) * len(ctx.needs_input_grad)
         return DwConvFunction.grads(ctx.saved_tensors, ctx.attrs, ctx.needs_input_grad, grad_out)
 
 
@@ -259,9 +257,8 @@ class BNActDwConvFunction(torch.autograd.Function):
         return run_stage(ctx, BNActDwConvFunction, e, gamma, beta, weight, stride, eps)
 
     @staticmethod
+    @none_if_undefined
     def backward(ctx, grad_z, _grad_mean, _grad_invstd):
-        if grad_z is None:  # (grads are not materialised: see set_materialize_grads)
-            return (None,) * len(ctx.needs_input_grad)
         return BNActDwConvFunction.grads(ctx.saved_tensors, ctx.attrs, ctx.needs_input_grad, grad_z)
 
 
@@ -289,14 +286,12 @@ class DwBNActFunction(torch.autograd.Function):
         y = torch.ops.fastface.bn_act_apply(z, gamma, beta, mean, invstd, True)
         ctx.stage, ctx.nsaved = stage, len(saved)
         ctx.save_for_backward(*saved, z, gamma, beta, mean, invstd)
-        ctx.mark_non_differentiable(mean, invstd, *outs[3:])
-        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) grads
+        stats_outputs(ctx, mean, invstd, *outs[3:])
         return (y, mean, invstd, *outs[3:])
 
     @staticmethod
+    @none_if_undefined
     def backward(ctx, grad_y, *_grad_stats):
-        if grad_y is None:  # (grads are not materialised: see set_materialize_grads)
-            return (None,) * len(ctx.needs_input_grad)
         tensors = ctx.saved_tensors
         saved, (z, gamma, beta, mean, invstd) = tensors[:ctx.nsaved], tensors[ctx.nsaved:]
         gz, gg, gb, _ = torch.ops.fastface.bn_act_backward(grad_y, z, gamma, beta, mean, invstd, None, True)

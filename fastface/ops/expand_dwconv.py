@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fastface._ext import has_op
-from fastface.ops._common import is_channels_last, like_input
+from fastface.ops._common import is_channels_last, like_input, none_if_undefined
 from fastface.ops.bn_act import bn_act_reference
 from fastface.ops.conv1x1 import conv1x1_forward, conv1x1_forward_pays, conv1x1_problems
 from fastface.ops.dwconv_train import dwconv_kernel_problems, run_stage
@@ -186,9 +186,8 @@ class ExpandDwConvFunction(torch.autograd.Function):
         return run_stage(ctx, ExpandDwConvFunction, x, w_expand, groups, gamma, beta, w_dw, stride, eps)
 
     @staticmethod
+    @none_if_undefined
     def backward(ctx, grad_z, _grad_mean, _grad_invstd):
-        if grad_z is None:  # (grads are not materialised: see set_materialize_grads)
-            return (None,) * len(ctx.needs_input_grad)
         return ExpandDwConvFunction.grads(ctx.saved_tensors, ctx.attrs, ctx.needs_input_grad, grad_z)
 
 

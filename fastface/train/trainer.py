@@ -364,16 +364,16 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        clip_scale = None  # the fused optimiser divides the gradients by it: clipping without a pass of its own
-        if self.cfg.optim.clip_grad > 0 and self.fused_optimizer and self.scaler is None:
-            # clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)), applied inside the fused step: on the CPU
-            # torch's foreach multiply is a loop of one small op per parameter (~170 a step).
-            norm = nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-            clip_scale = ((norm + 1e-6) / self.cfg.optim.clip_grad).clamp_min(1.0).float()
-        elif self.cfg.optim.clip_grad > 0:
-            norm = nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad, foreach=True)
+        clip = self.cfg.optim.clip_grad
+        # A fused optimiser (without a loss scaler) clips inside its step: it divides the gradients by clip_scale,
+        # clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)) inverted; on the CPU clip_grad_norm_'s foreach
+        # multiply is a loop of one small op per parameter (~170 a step).
+        fused_clip = clip > 0 and self.fused_optimizer and self.scaler is None
+        if clip > 0 and not fused_clip:
+            norm = nn.utils.clip_grad_norm_(params, clip, foreach=True)
         else:
             norm = nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        clip_scale = ((norm + 1e-6) / clip).clamp_min(1.0).float() if fused_clip else None
         finite_loss = torch.isfinite(loss_mean)
         bad = ~(finite_loss & torch.isfinite(norm))
         # Under fp16 loss scaling, overflowing gradients with a finite loss are routine (the scaler
