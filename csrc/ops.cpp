@@ -66,6 +66,17 @@ TORCH_LIBRARY(fastface, m) {
       "bn_add_act_backward(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor invstd, "
       "Tensor r, Tensor r_gamma, Tensor r_beta, Tensor r_mean, Tensor r_invstd, bool relu6) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The split model's two branch stems (3x3 conv, padding 1, no bias, each over its modality's channels
+  // of x: w_a's cin first, then w_b's) each through its own training BN, summed, then ReLU6 (or none):
+  // the "add" merge at split = 1 with neither conv output stored. Returns y (channels_last) and both
+  // BNs' batch mean and 1/sqrt(biased var + eps). CPU kernel.
+  m.def("stems_bn_add_act(Tensor x, Tensor w_a, Tensor gamma_a, Tensor beta_a, Tensor w_b, Tensor gamma_b, "
+        "Tensor beta_b, int stride, float eps, bool relu6) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Its gradients w.r.t. (w_a, gamma_a, beta_a, w_b, gamma_b, beta_b); x (the network input) gets none.
+  m.def(
+      "stems_bn_add_act_backward(Tensor grad_y, Tensor x, Tensor w_a, Tensor gamma_a, Tensor beta_a, Tensor mean_a, "
+      "Tensor invstd_a, Tensor w_b, Tensor gamma_b, Tensor beta_b, Tensor mean_b, Tensor invstd_b, int stride, "
+      "bool relu6) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The batch statistics of bn_act alone (mean, 1/sqrt(biased var + eps) per channel over every dim
   // but 1), for consumers that normalise on the fly (dwconv_forward's prologue). CPU kernel.
   m.def("bn_stats(Tensor x, float eps) -> (Tensor, Tensor)");

@@ -198,6 +198,7 @@ def _train_and_compare(ref, fused, x, steps=2, atol=1e-9):
     probe = copy.deepcopy(ref)
     g = torch.Generator().manual_seed(12345)
     x_probe = x * (1 + torch.finfo(x.dtype).eps * torch.randn(x.shape, dtype=x.dtype, generator=g))
+    x_probe = x_probe.detach().requires_grad_(x.requires_grad)  # a leaf like x (steps backward through it again)
     for step in range(steps):
         gy = None
         for model, on, inp in ((ref, False, x), (fused, True, x), (probe, False, x_probe)):
@@ -267,11 +268,12 @@ def _act_dw_folds(li) -> bool:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("split,merge", [(0, "add"), (1, "add"), (1, "concat"), (3, "add"), (4, "concat")])
-def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
+@pytest.mark.parametrize("split,merge,x_grad", [(0, "add", False), (1, "add", False), (1, "add", True),
+                                                (1, "concat", False), (3, "add", False), (4, "concat", False)])
+def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge, x_grad):
     """Training on eager CPU (channels_last): ATen convs + one bn_act per BN (residual add folded in; the two
-    stems' add merge as one bn_add_act); outputs, every gradient and the running statistics match the plain
-    modules."""
+    stems' add merge as one stems_bn_add_act, convs included, or, with an input that needs a gradient, as ATen's
+    convs + one bn_add_act); outputs, every gradient and the running statistics match the plain modules."""
     import copy
 
     spec = small_face(split=split, merge=merge, width=0.35, input_size=32)
@@ -282,8 +284,9 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
     ref = ref.to(memory_format=torch.channels_last)
     fused = copy.deepcopy(ref)
     x = torch.randn(4, 4, 32, 32, dtype=dtype, generator=torch.Generator().manual_seed(SEED + split))
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(x_grad)
     bn_spy, dw_spy = _Spy(monkeypatch, "bn_act"), _Spy(monkeypatch, "dwconv_bn_act")
+    stems_spy = _Spy(monkeypatch, "stems_bn_add_act")
     act_dw_spy, gdc_spy = _Spy(monkeypatch, "_bn_act_dwconv_train"), _Spy(monkeypatch, "_gdc_head_train")
     add_spy, tail_spy = _Spy(monkeypatch, "bn_add_act"), _Spy(monkeypatch, "_stage_bn_act_train")
     if dtype == torch.float64:
@@ -294,7 +297,8 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
     # Every BatchNorm2d of the trunk, stems and last conv runs in bn_act, except a block's expand BN, which
     # runs folded into its depthwise conv (_bn_act_dwconv_train) where that pays (bn_act_dwconv_pays; this
     # net has both kinds); grouped branch layers (split >= 2) run one call per BN position for all branches;
-    # a concat merge's BN stays the plain module; the two stems of an add merge at split 1 run as one bn_add_act;
+    # a concat merge's BN stays the plain module; the two stems of an add merge at split 1 run as one
+    # stems_bn_add_act (one bn_add_act after ATen's convs when the input needs a gradient);
     # a block's depthwise BN runs under DwBNActFunction (_stage_bn_act_train), not as a bn_act call, where its
     # conv is the C++ forward: after an expand BN folded into it, or alone where that pays (stride 1,
     # >= 28 x 28).
@@ -309,7 +313,8 @@ def test_bn_act_training_equals_unfused(monkeypatch, dtype, split, merge):
     assert 0 < folded < len(expand) and len(act_dw_spy.calls) == 2 * folded
     assert len(gdc_spy.calls) == 2  # the GDC head's global depthwise conv as a weighted sum
     stems_added = g if (split == 1 and merge == "add" and g == 2) else 0
-    assert len(add_spy.calls) == 2 * (stems_added > 0)
+    assert len(add_spy.calls) == 2 * (stems_added > 0 and x_grad)
+    assert len(stems_spy.calls) == 2 * (stems_added > 0 and not x_grad)
     tails = sum(_act_dw_folds(li) if li.expand else (li.stride == 1 and li.size_in >= 28)
                 for li in spec.layers() if li.kind == "block")
     assert 0 < tails and len(tail_spy.calls) == 2 * tails
@@ -386,6 +391,7 @@ def _train_and_compare_f32(ref, fused, x, steps=2):
 
     ref64, probe = copy.deepcopy(ref).double(), copy.deepcopy(ref)
     xp = x * (1 + torch.finfo(x.dtype).eps * torch.randn(x.shape, generator=torch.Generator().manual_seed(7)))
+    xp = xp.detach().requires_grad_(x.requires_grad)  # a leaf like x (steps backward through it again)
     for step in range(steps):
         outs, gy = [], None
         for model, on, inp in ((ref64, False, x), (ref, False, x), (fused, True, x), (probe, False, xp)):

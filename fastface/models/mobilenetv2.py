@@ -63,7 +63,8 @@ from torch import nn
 from fastface._ext import has_op
 from fastface.arch import ArchSpec, LayerInfo
 from fastface.models.heads import GDCHead, PoolHead, make_head
-from fastface.ops import bn_act, bn_add_act, conv_bias_act, dwconv_bn_act, ir_block, pack_conv_weight, pack_ir_weights
+from fastface.ops import (bn_act, bn_add_act, conv_bias_act, dwconv_bn_act, ir_block, pack_conv_weight, pack_ir_weights,
+                          stems_bn_add_act)
 from fastface.ops.dispatch import forced_backend
 from fastface.ops.dwconv_train import (BNActDwConvFunction, DwBNActFunction, DwConvFunction, bn_act_dwconv_pays,
                                        dw_bn_act_problems, dwconv_forward_pays, dwconv_kernel_problems)
@@ -277,6 +278,35 @@ def _bn_add_act_train(bns: Sequence[nn.BatchNorm2d], zs: Sequence[torch.Tensor],
     (a, b) = bns
     y, mean_b, invstd_b, mean_a, invstd_a = bn_add_act(zs[1], b.weight, b.bias, zs[0], a.weight, a.bias, a.eps, relu6)
     for bn, mean, invstd in ((a, mean_a, invstd_a), (b, mean_b, invstd_b)):
+        if bn.training:
+            _update_running_stats([bn], mean, invstd, count)
+    return y
+
+
+def _stems_fuse(stems: Sequence[nn.Module], x: torch.Tensor) -> bool:
+    """Whether _stems_bn_add_act_train computes these branch stems' add merge exactly: two 3x3 stems (padding 1, no
+    bias, one stride) straight on the network input (which needs no gradient), one BN eps, float CPU tensors."""
+    if len(stems) != 2 or x.requires_grad or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    for m in stems:
+        c = m.conv
+        if not (c.kernel_size == (3, 3) and c.padding == (1, 1) and c.dilation == (1, 1) and c.groups == 1
+                and c.bias is None and c.padding_mode == "zeros" and c.stride[0] == c.stride[1] == stems[0].conv.stride[0]
+                and c.weight.dtype == x.dtype and c.out_channels == stems[0].conv.out_channels):
+            return False
+    return stems[0].bn.eps == stems[1].bn.eps and sum(m.conv.in_channels for m in stems) == x.shape[1]
+
+
+def _stems_bn_add_act_train(stems: Sequence["ConvBNAct"], x: torch.Tensor) -> torch.Tensor:
+    """act(bn_a(conv_a(x_a)) + bn_b(conv_b(x_b))) for the two branch stems in training through
+    fastface.ops.stems_bn_add_act (neither conv output stored, x read in its own layout: no split copies);
+    both BNs' running statistics updated as nn.BatchNorm2d does."""
+    a, b = stems
+    y, mean_a, invstd_a, mean_b, invstd_b = stems_bn_add_act(
+        x, a.conv.weight, a.bn.weight, a.bn.bias, b.conv.weight, b.bn.weight, b.bn.bias, a.conv.stride[0], a.bn.eps,
+        isinstance(a.act, nn.ReLU6))
+    count = _check_batch(y.shape)
+    for bn, mean, invstd in ((a.bn, mean_a, invstd_a), (b.bn, mean_b, invstd_b)):
         if bn.training:
             _update_running_stats([bn], mean, invstd, count)
     return y
@@ -772,6 +802,9 @@ class MobileNetV2(_FoldCacheOwner):
             chain = (self.merge is None and self.training and _FUSED_TRAIN[-1] and _eager_cpu(x, lasts[0].conv.weight)
                      and all(isinstance(m, ConvBNAct) and m.training and m._bn_act_fuses() for m in lasts)
                      and all(type(m.act) is type(lasts[0].act) for m in lasts))
+            # Two stems on the input of a channels_last model (stems_bn_add_act's output layout): one op, convs included.
+            if chain and self.spec.split == 1 and _stems_fuse(lasts, x) and self._nhwc(x):
+                return self.last(self.trunk(_stems_bn_add_act_train(lasts, x)))
             for m, xm in zip(self.modalities, self._branch_inputs(x)):
                 branch = self.branches[m]
                 for layer in branch[:-1]:
@@ -827,15 +860,17 @@ class MobileNetV2(_FoldCacheOwner):
         and again in the backward (its weight gradient); one copy here serves both, and from an NCHW batch
         it is the only conversion (the trainer leaves a splitting model's batch as the loader gives it).
         """
-        # The model's layout is that of a stem weight with more than one input channel (a 1-channel weight is
-        # both NCHW- and NHWC-contiguous); with none, the input's.
+        fmt = torch.channels_last if self._nhwc(x) else torch.contiguous_format
+        return [xm.contiguous(memory_format=fmt) for xm in torch.split(x, self.in_splits, dim=1)]
+
+    def _nhwc(self, x: torch.Tensor) -> bool:
+        """Whether a splitting model runs channels_last: the layout of a stem weight with more than one input channel
+        (a 1-channel weight is both NCHW- and NHWC-contiguous); with none, the input's."""
         cl = torch.channels_last
         ws = [self.branches[m][0].conv.weight for m in self.modalities]
         wide = [w for w in ws if w.dim() == 4 and w.shape[1] > 1]
-        nhwc = (wide[0].is_contiguous(memory_format=cl) and not wide[0].is_contiguous()) if wide else \
+        return (wide[0].is_contiguous(memory_format=cl) and not wide[0].is_contiguous()) if wide else \
             (x.is_contiguous(memory_format=cl) and not x.is_contiguous())
-        fmt = cl if nhwc else torch.contiguous_format
-        return [xm.contiguous(memory_format=fmt) for xm in torch.split(x, self.in_splits, dim=1)]
 
     def _branches_grouped(self, x: torch.Tensor) -> bool:
         """Whether the branches run as grouped calls (see the module docstring)."""

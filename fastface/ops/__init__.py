@@ -17,6 +17,9 @@ from fastface.ops.dwconv_bn_act import (
 )
 from fastface.ops.ir_block import MemoFusedOp, ir_block, ir_block_reference, pack_ir_weights
 from fastface.ops.sched import SchedParams, sched_step, sched_step_reference
+from fastface.ops.stems_bn_add_act import (
+    StemsBNAddActFunction, stems_bn_add_act, stems_bn_add_act_backward_reference, stems_bn_add_act_reference,
+)
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "FusedOp", "MemoFusedOp", "forced_backend", "use_backend",
@@ -29,4 +32,5 @@ __all__ = [
     "dwconv_bn_act_reference",
     "ir_block", "ir_block_reference", "pack_ir_weights",
     "SchedParams", "sched_step", "sched_step_reference",
+    "StemsBNAddActFunction", "stems_bn_add_act", "stems_bn_add_act_backward_reference", "stems_bn_add_act_reference",
 ]
