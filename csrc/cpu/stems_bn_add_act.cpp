@@ -16,13 +16,12 @@
 //      float64 moments with Chan's formula; tasks merged in task order (moments.h), so results do
 //      not depend on the thread count;
 //   2. conv row again -> y = act(z_a * s_a + z_b * s_b + shift), written channels_last.
-// Backward (x is the network input: no gradient for it), two passes:
-//   1. conv row -> u (the forward's pre-activation, so the ReLU6 mask is the forward's bit for
-//      bit), g = grad_y behind the mask; sum g, sum g * (z_a - mean_a), sum g * (z_b - mean_b)
-//      (float per row, float64 per task, tasks summed in order) = grad_beta (both BNs'), and
-//      grad_gamma_a / invstd_a, grad_gamma_b / invstd_b;
-//   2. conv row again -> dz = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)) per branch,
-//      then the weight gradients sum dz (x) patch over the row (float per row, float64 per task).
+// Backward (x is the network input: no gradient for it), one pass (grad_y and x read once):
+//   conv row -> u (the forward's pre-activation, so the ReLU6 mask is the forward's bit for bit),
+//   g = grad_y behind the mask; per task the BN sums (sum g = grad_beta of both BNs, sum g * (z - mean)
+//   per branch = grad_gamma / invstd) and the weight-gradient sums G, H, S of backward_kernel, whose
+//   linear combination after the pass gives the weight gradients (float per few rows, float64 per task,
+//   tasks combined in order).
 // Per row the input rows a 3x3 window reads are copied into a zero-padded buffer, so the inner
 // loops have no border cases. The micro-kernels vectorise output channels (padded to whole
 // vectors with zero weights) and block several output pixels in registers.
@@ -299,57 +298,43 @@ FF_ALWAYS_INLINE typename V<T>::reg masked_grad(const T* __restrict za, const T*
   return V<T>::keep_open(g, u, V<T>::zero(), V<T>::set1(T(6)));
 }
 
-// Backward constants, Cp-padded: the forward's affine (sa, sb, shift) for the mask, the means, and
-// dz = k * (g - mg - (z - mean) * q) per branch.
+// Per row of the backward: gb = g (grad_y behind the mask); s[0..Cp) += g, s[Cp..2Cp) += g * (z_a - mean_a),
+// s[2Cp..3Cp) += g * (z_b - mean_b); z_a, z_b replaced by z_a - mean_a, z_b - mean_b (what the weight
+// gradients' H sums take). sa, sb, shift: the forward's affine (the mask); ma, mb: the means.
 template <typename T>
-struct BackConsts {
-  const T *sa, *sb, *shift, *ma, *mb, *ka, *kb, *mg, *qa, *qb;
-};
-
-// s[0..Cp) += g, s[Cp..2Cp) += g * (z_a - mean_a), s[2Cp..3Cp) += g * (z_b - mean_b) over the row.
-template <typename T>
-void sums_row(const T* __restrict z, const T* __restrict gy, const BackConsts<T>& k, int64_t OW, int64_t C,
-              int64_t Cp, bool relu6, T* __restrict s) {
+void grad_row(T* __restrict z, const T* __restrict gy, const T* __restrict sa, const T* __restrict sb,
+              const T* __restrict shift, const T* __restrict ma, const T* __restrict mb, int64_t OW, int64_t C,
+              int64_t Cp, bool relu6, T* __restrict gb, T* __restrict s) {
   using R = typename V<T>::reg;
   constexpr int L = V<T>::L;
-  const T* __restrict ma = k.ma;
-  const T* __restrict mb = k.mb;
-  for (int64_t ow = 0; ow < OW; ++ow) {
-    const T* za = z + ow * Cp;
-    const T* zb = z + (OW + ow) * Cp;
-    for (int64_t c = 0; c < Cp; c += L) {
-      const R g = masked_grad<T>(za, zb, gy + ow * C, k.sa, k.sb, k.shift, c, C, relu6);
-      V<T>::store(s + c, V<T>::add(V<T>::load(s + c), g));
-      V<T>::store(s + Cp + c, V<T>::fmadd(g, V<T>::sub(V<T>::load(za + c), V<T>::load(ma + c)), V<T>::load(s + Cp + c)));
-      V<T>::store(s + 2 * Cp + c,
-                  V<T>::fmadd(g, V<T>::sub(V<T>::load(zb + c), V<T>::load(mb + c)), V<T>::load(s + 2 * Cp + c)));
-    }
-  }
-}
-
-// z (both branches' conv row) replaced by both branches' dz.
-template <typename T>
-void dz_row(T* __restrict z, const T* __restrict gy, const BackConsts<T>& k, int64_t OW, int64_t C, int64_t Cp,
-            bool relu6) {
-  using R = typename V<T>::reg;
-  constexpr int L = V<T>::L;
-  const T* __restrict ma = k.ma;
-  const T* __restrict mb = k.mb;
-  const T* __restrict ka = k.ka;
-  const T* __restrict kb = k.kb;
-  const T* __restrict mg = k.mg;
-  const T* __restrict qa = k.qa;
-  const T* __restrict qb = k.qb;
   for (int64_t ow = 0; ow < OW; ++ow) {
     T* za = z + ow * Cp;
     T* zb = z + (OW + ow) * Cp;
     for (int64_t c = 0; c < Cp; c += L) {
-      const R g = V<T>::sub(masked_grad<T>(za, zb, gy + ow * C, k.sa, k.sb, k.shift, c, C, relu6), V<T>::load(mg + c));
-      const R a = V<T>::load(za + c), b = V<T>::load(zb + c);
-      V<T>::store(za + c, V<T>::mul(V<T>::load(ka + c), V<T>::sub(g, V<T>::mul(V<T>::sub(a, V<T>::load(ma + c)),
-                                                                            V<T>::load(qa + c)))));
-      V<T>::store(zb + c, V<T>::mul(V<T>::load(kb + c), V<T>::sub(g, V<T>::mul(V<T>::sub(b, V<T>::load(mb + c)),
-                                                                            V<T>::load(qb + c)))));
+      const R g = masked_grad<T>(za, zb, gy + ow * C, sa, sb, shift, c, C, relu6);
+      const R da = V<T>::sub(V<T>::load(za + c), V<T>::load(ma + c));
+      const R db = V<T>::sub(V<T>::load(zb + c), V<T>::load(mb + c));
+      V<T>::store(gb + ow * Cp + c, g);
+      V<T>::store(za + c, da);
+      V<T>::store(zb + c, db);
+      V<T>::store(s + c, V<T>::add(V<T>::load(s + c), g));
+      V<T>::store(s + Cp + c, V<T>::fmadd(g, da, V<T>::load(s + Cp + c)));
+      V<T>::store(s + 2 * Cp + c, V<T>::fmadd(g, db, V<T>::load(s + 2 * Cp + c)));
+    }
+  }
+}
+
+// sp[(ci * K + kh) * K + kw] += sum over ow of the tap's input, xp[ci][kh][ow * s + kw] (the patch sums).
+template <typename T>
+void patch_sums_row(const T* __restrict xp, int64_t cin, int64_t Wp, int s, int64_t OW, T* __restrict sp) {
+  for (int64_t ci = 0; ci < cin; ++ci) {
+    for (int kh = 0; kh < K; ++kh) {
+      const T* row = xp + (ci * K + kh) * Wp;
+      for (int kw = 0; kw < K; ++kw) {
+        T acc = T(0);
+        for (int64_t ow = 0; ow < OW; ++ow) acc += row[ow * s + kw];
+        sp[(ci * K + kh) * K + kw] += acc;
+      }
     }
   }
 }
@@ -485,6 +470,14 @@ void forward_kernel(const Geometry& g, const T* x, const at::Tensor& wa_, const 
   });
 }
 
+// The backward in one pass over the rows (grad_y and x read once). A branch's weight gradient is
+//   gw[c, tap] = sum_p dz[p, c] patch[p, tap],  dz = k * (g - mean(g) - (z - mean) * q)   (bn_act's closed form)
+//              = k[c] * (G[c, tap] - (mean(g)[c] - m_t[c]) * S[tap] - q[c] * H[c, tap])
+// with, per task t, G = sum (g - m_t) (x) patch, S = sum patch, H = sum (z - mean) (x) patch: mean(g) and q need
+// the whole batch's sums, which this same pass collects, so the linear combination is taken afterwards (in
+// float64, tasks in order). m_t (g's mean over the task's first row) is a shift that keeps G's sums of the
+// order of g's spread, not of its mean, so the subtraction of mean(g) * S cancels no float precision; z - mean
+// is exact. G runs over all input channels' taps at once (g is both branches'), H over each branch's own.
 template <typename T>
 void backward_kernel(const Geometry& g, const T* gy, const T* x, const at::Tensor& wa_, const at::Tensor& wb_,
                      const at::Tensor& gamma_a, const at::Tensor& beta_a, const at::Tensor& mean_a_,
@@ -492,7 +485,6 @@ void backward_kernel(const Geometry& g, const T* gy, const T* x, const at::Tenso
                      const at::Tensor& mean_b_, const at::Tensor& invstd_b_, bool relu6, T* gwa, T* gga, T* gba,
                      T* gwb, T* ggb, T* gbb) {
   constexpr int L = V<T>::L;
-  using R = typename V<T>::reg;
   const int64_t Cp = g.Cp, OW = g.OW, C = g.C;
   const std::vector<T> wa = pack_weight<T>(wa_, Cp), wb = pack_weight<T>(wb_, Cp);
   const std::vector<T> ga = padded_copy<T>(gamma_a, Cp), ba = padded_copy<T>(beta_a, Cp),
@@ -506,35 +498,64 @@ void backward_kernel(const Geometry& g, const T* gy, const T* x, const at::Tenso
     shift[size_t(c)] = (ba[size_t(c)] - ma[size_t(c)] * sa[size_t(c)]) + (bb[size_t(c)] - mb[size_t(c)] * sb[size_t(c)]);
   }
   const int64_t rows = g.rows(), per = rows_per_task(rows), ntasks = (rows + per - 1) / per;
+  const int64_t taps = g.Cin * K * K, tn = taps * Cp;
+  // Per task, float64: sums (3 Cp), G (tn), H (tn), S (taps), the shift m_t (Cp).
+  const int64_t rec = 3 * Cp + 2 * tn + taps + Cp;
+  std::vector<double> task(size_t(ntasks * rec));
   const size_t xp_n = size_t(g.Cin * K * g.Wp), z_n = size_t(2 * OW * Cp);
   // The next row of grad_y is prefetched when grad_y is large (it streams from memory).
   const bool pf = rows * OW * C * int64_t(sizeof(T)) >= simd::kStreamBytes;
-  BackConsts<T> k{sa.data(), sb.data(), shift.data(), ma.data(), mb.data(), nullptr, nullptr, nullptr, nullptr, nullptr};
-
-  // Pass 1: sum g, sum g * (z_a - mean_a), sum g * (z_b - mean_b) per channel.
-  std::vector<double> tsums(size_t(ntasks * 3 * Cp));
   pool::parallel_tasks(ntasks, [&](int64_t t) {
     T* xp = simd::scratch<T, 0>(xp_n);
     T* z = simd::scratch<T, 1>(z_n);
-    T* rs = simd::scratch<T, 2>(size_t(3 * Cp));
-    double* ts = tsums.data() + t * 3 * Cp;
-    std::fill(ts, ts + 3 * Cp, 0.0);
-    for (int64_t r = t * per; r < std::min(rows, (t + 1) * per); ++r) {
+    T* gbuf = simd::scratch<T, 2>(size_t(OW * Cp));
+    // Accumulators in T over a few rows (~1k pixels), then into the task's float64 record.
+    const int64_t acc_n = 3 * Cp + 2 * tn + taps;
+    T* acc = simd::scratch<T, 3>(size_t(acc_n + Cp));
+    T* shiftg = acc + acc_n;  // m_t
+    std::fill(acc, acc + acc_n, T(0));
+    double* rt = task.data() + t * rec;
+    std::fill(rt, rt + rec, 0.0);
+    const int64_t flush = std::max<int64_t>(1, 1024 / OW);
+    int64_t pending = 0;
+    const int64_t r0 = t * per, r1 = std::min(rows, (t + 1) * per);
+    for (int64_t r = r0; r < r1; ++r) {
       if (pf && r + 1 < rows) prefetch(gy + (r + 1) * OW * C, OW * C);
       pad_rows<T>(g, x, r, xp);
       both_convs<T>(g, xp, wa.data(), wb.data(), z);
-      std::fill(rs, rs + 3 * Cp, T(0));
-      sums_row<T>(z, gy + r * OW * C, k, OW, C, Cp, relu6, rs);
-      for (int64_t i = 0; i < 3 * Cp; ++i) ts[i] += double(rs[i]);
+      grad_row<T>(z, gy + r * OW * C, sa.data(), sb.data(), shift.data(), ma.data(), mb.data(), OW, C, Cp, relu6,
+                  gbuf, acc);
+      if (r == r0) {
+        for (int64_t c = 0; c < Cp; ++c) {
+          T m = T(0);
+          for (int64_t ow = 0; ow < OW; ++ow) m += gbuf[ow * Cp + c];
+          shiftg[c] = m / T(OW);
+          rt[3 * Cp + 2 * tn + taps + c] = double(shiftg[c]);
+        }
+      }
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        T* gr = gbuf + ow * Cp;
+        for (int64_t c = 0; c < Cp; c += L) V<T>::store(gr + c, V<T>::sub(V<T>::load(gr + c), V<T>::load(shiftg + c)));
+      }
+      T* G = acc + 3 * Cp;
+      T* H = G + tn;
+      wgrad_row<T>(xp, g.Cin, g.Wp, int(g.s), gbuf, Cp, OW, G, Cp);
+      wgrad_row<T>(xp, g.ca, g.Wp, int(g.s), z, Cp, OW, H, Cp);
+      wgrad_row<T>(xp + g.ca * K * g.Wp, g.cb, g.Wp, int(g.s), z + OW * Cp, Cp, OW, H + g.taps_a() * Cp, Cp);
+      patch_sums_row<T>(xp, g.Cin, g.Wp, int(g.s), OW, H + tn);
+      if (++pending == flush || r + 1 == r1) {
+        for (int64_t i = 0; i < acc_n; ++i) rt[i] += double(acc[i]);
+        std::fill(acc, acc + acc_n, T(0));
+        pending = 0;
+      }
     }
   });
+  // The batch's sums, tasks in order.
   std::vector<double> sums(size_t(3 * Cp), 0.0);
   for (int64_t t = 0; t < ntasks; ++t)
-    for (int64_t i = 0; i < 3 * Cp; ++i) sums[size_t(i)] += tsums[size_t(t * 3 * Cp + i)];
-  const double M = double(g.rows() * OW);
-  // dz = gamma * invstd * (g - mean(g) - (z - mean) * invstd * mean(g * xhat)) = k * (g - mg - (z - mean) * q).
-  std::vector<T> ka(size_t(Cp), T(0)), kb(size_t(Cp), T(0)), mg(size_t(Cp), T(0)), qa(size_t(Cp), T(0)),
-      qb(size_t(Cp), T(0));
+    for (int64_t i = 0; i < 3 * Cp; ++i) sums[size_t(i)] += task[size_t(t * rec + i)];
+  const double M = double(rows * OW);
+  std::vector<double> kk(size_t(2 * Cp), 0.0), qq(size_t(2 * Cp), 0.0), mg(size_t(Cp), 0.0);
   for (int64_t c = 0; c < C; ++c) {
     const double ia_c = double(ia[size_t(c)]), ib_c = double(ib[size_t(c)]);
     const double sg = sums[size_t(c)], sga = sums[size_t(Cp + c)] * ia_c, sgb = sums[size_t(2 * Cp + c)] * ib_c;
@@ -542,53 +563,33 @@ void backward_kernel(const Geometry& g, const T* gy, const T* x, const at::Tenso
     gbb[c] = T(sg);
     gga[c] = T(sga);
     ggb[c] = T(sgb);
-    ka[size_t(c)] = T(double(ga[size_t(c)]) * ia_c);
-    kb[size_t(c)] = T(double(gb[size_t(c)]) * ib_c);
-    mg[size_t(c)] = T(sg / M);
-    qa[size_t(c)] = T(ia_c * sga / M);
-    qb[size_t(c)] = T(ib_c * sgb / M);
+    kk[size_t(c)] = double(ga[size_t(c)]) * ia_c;
+    kk[size_t(Cp + c)] = double(gb[size_t(c)]) * ib_c;
+    qq[size_t(c)] = ia_c * sga / M;
+    qq[size_t(Cp + c)] = ib_c * sgb / M;
+    mg[size_t(c)] = sg / M;
   }
-
-  // Pass 2: both branches' dz per row, then their weight gradients.
-  k.ka = ka.data();
-  k.kb = kb.data();
-  k.mg = mg.data();
-  k.qa = qa.data();
-  k.qb = qb.data();
-  const int64_t tna = g.taps_a() * Cp, tnb = g.taps_b() * Cp;
-  std::vector<double> tgw(size_t(ntasks * (tna + tnb)));
-  pool::parallel_tasks(ntasks, [&](int64_t t) {
-    T* xp = simd::scratch<T, 0>(xp_n);
-    T* z = simd::scratch<T, 1>(z_n);
-    T* acc = simd::scratch<T, 2>(size_t(tna + tnb));
-    std::fill(acc, acc + tna + tnb, T(0));
-    double* tg = tgw.data() + t * (tna + tnb);
-    std::fill(tg, tg + tna + tnb, 0.0);
-    // Rows are summed in T in groups of ~1k pixels, then into the task's float64 sums.
-    const int64_t flush = std::max<int64_t>(1, 1024 / OW);
-    int64_t pending = 0;
-    const int64_t r1 = std::min(rows, (t + 1) * per);
-    for (int64_t r = t * per; r < r1; ++r) {
-      if (pf && r + 1 < rows) prefetch(gy + (r + 1) * OW * C, OW * C);
-      pad_rows<T>(g, x, r, xp);
-      both_convs<T>(g, xp, wa.data(), wb.data(), z);
-      dz_row<T>(z, gy + r * OW * C, k, OW, C, Cp, relu6);
-      wgrad_row<T>(xp, g.ca, g.Wp, int(g.s), z, Cp, OW, acc, Cp);
-      wgrad_row<T>(xp + g.ca * K * g.Wp, g.cb, g.Wp, int(g.s), z + OW * Cp, Cp, OW, acc + tna, Cp);
-      if (++pending == flush || r + 1 == r1) {
-        for (int64_t i = 0; i < tna + tnb; ++i) tg[i] += double(acc[i]);
-        std::fill(acc, acc + tna + tnb, T(0));
-        pending = 0;
+  // gw[tap][c] = k * (G - (mean(g) - m_t) * S - q * H), summed over tasks in order.
+  std::vector<double> gw(size_t(tn), 0.0);
+  const int64_t taps_a = g.taps_a();
+  for (int64_t t = 0; t < ntasks; ++t) {
+    const double* rt = task.data() + t * rec;
+    const double* G = rt + 3 * Cp;
+    const double* H = G + tn;
+    const double* S = H + tn;
+    const double* mt = S + taps;
+    for (int64_t tp = 0; tp < taps; ++tp) {
+      const int64_t b = tp < taps_a ? 0 : 1;
+      for (int64_t c = 0; c < C; ++c) {
+        gw[size_t(tp * Cp + c)] += kk[size_t(b * Cp + c)] * (G[tp * Cp + c] - (mg[size_t(c)] - mt[c]) * S[tp] -
+                                                            qq[size_t(b * Cp + c)] * H[tp * Cp + c]);
       }
     }
-  });
-  std::vector<double> gw(size_t(tna + tnb), 0.0);
-  for (int64_t t = 0; t < ntasks; ++t)
-    for (int64_t i = 0; i < tna + tnb; ++i) gw[size_t(i)] += tgw[size_t(t * (tna + tnb) + i)];
-  // Unpack taps x Cp into C x cin x K x K.
+  }
+  // Unpack taps x Cp into C x cin x K x K per branch.
   for (int64_t c = 0; c < C; ++c) {
-    for (int64_t tp = 0; tp < g.taps_a(); ++tp) gwa[c * g.taps_a() + tp] = T(gw[size_t(tp * Cp + c)]);
-    for (int64_t tp = 0; tp < g.taps_b(); ++tp) gwb[c * g.taps_b() + tp] = T(gw[size_t(tna + tp * Cp + c)]);
+    for (int64_t tp = 0; tp < taps_a; ++tp) gwa[c * taps_a + tp] = T(gw[size_t(tp * Cp + c)]);
+    for (int64_t tp = 0; tp < g.taps_b(); ++tp) gwb[c * g.taps_b() + tp] = T(gw[size_t((taps_a + tp) * Cp + c)]);
   }
 }
 
