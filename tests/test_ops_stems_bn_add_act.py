@@ -18,9 +18,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (N, ca, cb, H, W, C, stride): the face model's stems (3 + 1 channels, 32 out, stride 2) at small sizes, odd maps,
 # channel counts off the vector width (5, 17), over several vectors (33, 70: a 4-vector chunk and a 1-vector one),
-# strides 1-3, 1-pixel maps.
+# strides 1-3, 1-pixel maps, rows whose pixel count leaves every tail block size (46 = 3 x 12 + 4 + 4 + 2 with
+# one vector of channels, 56 = 7 x 8).
 CASES = [(2, 3, 1, 9, 11, 32, 2), (3, 2, 2, 7, 5, 17, 1), (1, 1, 3, 6, 6, 33, 2), (2, 3, 1, 13, 13, 70, 3),
-         (4, 1, 1, 1, 1, 5, 1), (2, 3, 1, 2, 3, 8, 2), (1, 2, 1, 16, 15, 24, 2)]
+         (4, 1, 1, 1, 1, 5, 1), (2, 3, 1, 2, 3, 8, 2), (1, 2, 1, 16, 15, 24, 2), (1, 3, 1, 5, 46, 16, 1),
+         (2, 3, 1, 7, 111, 8, 2)]
 BACKENDS = ["reference", pytest.param("cpp", marks=needs_ext)]
 NAMES = ["w_a", "gamma_a", "beta_a", "w_b", "gamma_b", "beta_b"]
 

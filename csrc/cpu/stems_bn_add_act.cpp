@@ -90,10 +90,7 @@ void conv_row_chunk(const T* xp, int64_t cin, int64_t Wp, int s, const T* w, int
   constexpr int P = block_pixels<NV>();
   int64_t ow = 0;
   for (; ow + P <= OW; ow += P) conv_block<T, NV, P, S>(xp + ow * s, cin, Wp, s, w, Cp, z + ow * zs, zs);
-  if (ow + 4 <= OW) {
-    conv_block<T, NV, 4, S>(xp + ow * s, cin, Wp, s, w, Cp, z + ow * zs, zs);
-    ow += 4;
-  }
+  for (; ow + 4 <= OW; ow += 4) conv_block<T, NV, 4, S>(xp + ow * s, cin, Wp, s, w, Cp, z + ow * zs, zs);
   if (ow + 2 <= OW) {
     conv_block<T, NV, 2, S>(xp + ow * s, cin, Wp, s, w, Cp, z + ow * zs, zs);
     ow += 2;
