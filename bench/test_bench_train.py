@@ -19,10 +19,11 @@ in test_bench_data.py): the channels_last providers, plain or trainer, convert i
                          auto = on (large CPU blocks kept for reuse inside the step: fastface.ops.cpu_cache)
 - fastface_nocache       the same with run.cpu_cache=false: fastface / fastface_nocache = what the
                          caching allocator gives (the plain loops use PyTorch's allocator as it comes)
-- fastface_fused         the same with run.fused=true: in eager mode on the CPU, ATen's (oneDNN)
-                         convs with every BN (batch statistics) + residual add + ReLU6 as one
-                         fastface.ops.bn_act call, forward and backward, and the split stems' add
-                         merge folded into them: fastface_fused / fastface_unfused = what it gives
+- fastface_fused         the same with run.fused=true: in eager mode on the CPU, every BN (batch
+                         statistics) + residual add + ReLU6 as one fastface.ops.bn_act call or folded
+                         into fastface's depthwise and 1x1 conv kernels (oneDNN's convs elsewhere),
+                         forward and backward, and the split stems (convs, BNs, add merge) as one
+                         fastface.ops.stems_bn_add_act: fastface_fused / fastface_unfused = what it gives
                          (not in the default list: the path of fastface, whose ratio to
                          fastface_unfused is printed instead)
 - fastface_unfused       the same with run.fused=false (the model's plain PyTorch modules)
