@@ -109,7 +109,8 @@ def test_stems_forward_backward(benchmark, threads):
             fn(x, params, gy)
         benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     ms = {p: statistics.median(v) * 1e3 for p, v in times.items()}
-    speedup = {"fastface_vs_bn_add_act": ms["bn_add_act"] / ms["fastface"], "fastface_vs_aten": ms["aten"] / ms["fastface"]}
+    speedup = {"fastface_vs_bn_add_act": ms["bn_add_act"] / ms["fastface"],
+               "fastface_vs_aten": ms["aten"] / ms["fastface"]}
     benchmark.extra_info.update({"ms": ms, "speedup": speedup})
     payload = {"what": f"median ms per forward + backward of the face model's two stems (NCHW {BATCH}x4x112x112 batch, "
                        "3x3 stride-2 convs to 32 channels, training BNs, add, ReLU6; gradients of the weights and BN "

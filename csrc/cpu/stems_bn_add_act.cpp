@@ -356,6 +356,27 @@ std::vector<T> padded_copy(const at::Tensor& v_, int64_t Cp) {
   return out;
 }
 
+// The forward's affine, Cp-padded: u = z_a * sa + z_b * sb + shift with sa = invstd_a * gamma_a, sb likewise,
+// shift = beta_a - mean_a * sa + beta_b - mean_b * sb. One function for the forward and the backward, so the
+// backward's recomputed pre-activation (its ReLU6 mask) is the forward's bit for bit.
+template <typename T>
+struct Affine {
+  std::vector<T> sa, sb, shift;
+};
+
+template <typename T>
+Affine<T> stems_affine(int64_t C, int64_t Cp, const T* gamma_a, const T* beta_a, const T* mean_a, const T* invstd_a,
+                       const T* gamma_b, const T* beta_b, const T* mean_b, const T* invstd_b) {
+  Affine<T> f{std::vector<T>(size_t(Cp), T(0)), std::vector<T>(size_t(Cp), T(0)), std::vector<T>(size_t(Cp), T(0))};
+  for (int64_t c = 0; c < C; ++c) {
+    const T sa = invstd_a[c] * gamma_a[c], sb = invstd_b[c] * gamma_b[c];
+    f.sa[size_t(c)] = sa;
+    f.sb[size_t(c)] = sb;
+    f.shift[size_t(c)] = (beta_a[c] - mean_a[c] * sa) + (beta_b[c] - mean_b[c] * sb);
+  }
+  return f;
+}
+
 // Rows per task: ~64 tasks whatever the thread count (results depend on the tasks, not the threads).
 inline int64_t rows_per_task(int64_t rows) { return std::max<int64_t>(1, (rows + 63) / 64); }
 
@@ -448,12 +469,8 @@ void forward_kernel(const Geometry& g, const T* x, const at::Tensor& wa_, const 
   // Pass 2: y = act(z_a * s_a + z_b * s_b + shift), shift = beta_a - mean_a * s_a + beta_b - mean_b * s_b.
   const std::vector<T> ga = padded_copy<T>(gamma_a, Cp), ba = padded_copy<T>(beta_a, Cp),
                        gb = padded_copy<T>(gamma_b, Cp), bb = padded_copy<T>(beta_b, Cp);
-  std::vector<T> sa(size_t(Cp), T(0)), sb(size_t(Cp), T(0)), shift(size_t(Cp), T(0));
-  for (int64_t c = 0; c < C; ++c) {
-    sa[size_t(c)] = invstd_a[c] * ga[size_t(c)];
-    sb[size_t(c)] = invstd_b[c] * gb[size_t(c)];
-    shift[size_t(c)] = (ba[size_t(c)] - mean_a[c] * sa[size_t(c)]) + (bb[size_t(c)] - mean_b[c] * sb[size_t(c)]);
-  }
+  const Affine<T> f = stems_affine<T>(C, Cp, ga.data(), ba.data(), mean_a, invstd_a, gb.data(), bb.data(), mean_b,
+                                      invstd_b);
   const bool nt = simd::stream_ok(y, rows * OW, C, simd::kStreamBytes);
   pool::parallel_tasks(ntasks, [&](int64_t t) {
     T* xp = simd::scratch<T, 0>(xp_n);
@@ -461,7 +478,7 @@ void forward_kernel(const Geometry& g, const T* x, const at::Tensor& wa_, const 
     for (int64_t r = t * per; r < std::min(rows, (t + 1) * per); ++r) {
       pad_rows<T>(g, x, r, xp);
       both_convs<T>(g, xp, wa.data(), wb.data(), z);
-      apply_row<T>(z, sa.data(), sb.data(), shift.data(), OW, C, Cp, relu6, nt, y + r * OW * C);
+      apply_row<T>(z, f.sa.data(), f.sb.data(), f.shift.data(), OW, C, Cp, relu6, nt, y + r * OW * C);
     }
     if (nt) simd::stream_fence();
   });
@@ -488,12 +505,8 @@ void backward_kernel(const Geometry& g, const T* gy, const T* x, const at::Tenso
                        gb = padded_copy<T>(gamma_b, Cp), bb = padded_copy<T>(beta_b, Cp),
                        ma = padded_copy<T>(mean_a_, Cp), ia = padded_copy<T>(invstd_a_, Cp),
                        mb = padded_copy<T>(mean_b_, Cp), ib = padded_copy<T>(invstd_b_, Cp);
-  std::vector<T> sa(size_t(Cp), T(0)), sb(size_t(Cp), T(0)), shift(size_t(Cp), T(0));
-  for (int64_t c = 0; c < C; ++c) {
-    sa[size_t(c)] = ia[size_t(c)] * ga[size_t(c)];
-    sb[size_t(c)] = ib[size_t(c)] * gb[size_t(c)];
-    shift[size_t(c)] = (ba[size_t(c)] - ma[size_t(c)] * sa[size_t(c)]) + (bb[size_t(c)] - mb[size_t(c)] * sb[size_t(c)]);
-  }
+  const Affine<T> f = stems_affine<T>(C, Cp, ga.data(), ba.data(), ma.data(), ia.data(), gb.data(), bb.data(),
+                                      mb.data(), ib.data());
   const int64_t rows = g.rows(), per = rows_per_task(rows), ntasks = (rows + per - 1) / per;
   const int64_t taps = g.Cin * K * K, tn = taps * Cp;
   // Per task, float64: sums (3 Cp), G (tn), H (tn), S (taps), the shift m_t (Cp).
@@ -520,8 +533,8 @@ void backward_kernel(const Geometry& g, const T* gy, const T* x, const at::Tenso
       if (pf && r + 1 < rows) prefetch(gy + (r + 1) * OW * C, OW * C);
       pad_rows<T>(g, x, r, xp);
       both_convs<T>(g, xp, wa.data(), wb.data(), z);
-      grad_row<T>(z, gy + r * OW * C, sa.data(), sb.data(), shift.data(), ma.data(), mb.data(), OW, C, Cp, relu6,
-                  gbuf, acc);
+      grad_row<T>(z, gy + r * OW * C, f.sa.data(), f.sb.data(), f.shift.data(), ma.data(), mb.data(), OW, C, Cp,
+                  relu6, gbuf, acc);
       if (r == r0) {
         for (int64_t c = 0; c < Cp; ++c) {
           T m = T(0);

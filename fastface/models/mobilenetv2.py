@@ -291,8 +291,9 @@ def _stems_fuse(stems: Sequence[nn.Module], x: torch.Tensor) -> bool:
     for m in stems:
         c = m.conv
         if not (c.kernel_size == (3, 3) and c.padding == (1, 1) and c.dilation == (1, 1) and c.groups == 1
-                and c.bias is None and c.padding_mode == "zeros" and c.stride[0] == c.stride[1] == stems[0].conv.stride[0]
-                and c.weight.dtype == x.dtype and c.out_channels == stems[0].conv.out_channels):
+                and c.bias is None and c.padding_mode == "zeros" and c.weight.dtype == x.dtype
+                and c.stride[0] == c.stride[1] == stems[0].conv.stride[0]
+                and c.out_channels == stems[0].conv.out_channels):
             return False
     return stems[0].bn.eps == stems[1].bn.eps and sum(m.conv.in_channels for m in stems) == x.shape[1]
 
@@ -802,7 +803,8 @@ class MobileNetV2(_FoldCacheOwner):
             chain = (self.merge is None and self.training and _FUSED_TRAIN[-1] and _eager_cpu(x, lasts[0].conv.weight)
                      and all(isinstance(m, ConvBNAct) and m.training and m._bn_act_fuses() for m in lasts)
                      and all(type(m.act) is type(lasts[0].act) for m in lasts))
-            # Two stems on the input of a channels_last model (stems_bn_add_act's output layout): one op, convs included.
+            # Two stems on the input of a channels_last model (stems_bn_add_act's output layout): one op, convs
+            # included.
             if chain and self.spec.split == 1 and _stems_fuse(lasts, x) and self._nhwc(x):
                 return self.last(self.trunk(_stems_bn_add_act_train(lasts, x)))
             for m, xm in zip(self.modalities, self._branch_inputs(x)):
