@@ -24,7 +24,9 @@
 //   tasks combined in order).
 // Per row the input rows a 3x3 window reads are copied into a zero-padded buffer, so the inner
 // loops have no border cases. The micro-kernels vectorise output channels (padded to whole
-// vectors with zero weights) and block several output pixels in registers.
+// vectors with zero weights) and block several output pixels in registers. Tasks (fixed by the shape)
+// run on ATen's OpenMP threads (aten_tasks.h), as the other training kernels' do: the op runs between
+// oneDNN's convs and the fused optimiser, whose OpenMP threads would otherwise spin next to a pool's.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -34,9 +36,9 @@
 #include <tuple>
 #include <vector>
 
+#include "aten_tasks.h"
 #include "moments.h"
 #include "simd.h"
-#include "task_pool.h"
 
 namespace fastface {
 namespace {
@@ -438,12 +440,13 @@ void forward_kernel(const Geometry& g, const T* x, const at::Tensor& wa_, const 
   const int64_t Cp = g.Cp, OW = g.OW, C = g.C, C2 = 2 * Cp;
   const std::vector<T> wa = pack_weight<T>(wa_, Cp), wb = pack_weight<T>(wb_, Cp);
   const int64_t rows = g.rows(), per = rows_per_task(rows), ntasks = (rows + per - 1) / per;
+  const int64_t work = rows * OW * Cp * g.Cin * K * K;  // multiply-adds of one conv pass
   const size_t xp_n = size_t(g.Cin * K * g.Wp), z_n = size_t(2 * OW * Cp);
 
   // Pass 1: both branches' moments (2 * Cp channels per task).
   std::vector<double> tmean(size_t(ntasks * C2)), tm2(size_t(ntasks * C2));
   std::vector<int64_t> tcount(size_t(ntasks), 0);
-  pool::parallel_tasks(ntasks, [&](int64_t t) {
+  for_tasks(work, ntasks, [&](int64_t t) {
     T* xp = simd::scratch<T, 0>(xp_n);
     T* z = simd::scratch<T, 1>(z_n);
     double* mu = tmean.data() + t * C2;
@@ -472,7 +475,7 @@ void forward_kernel(const Geometry& g, const T* x, const at::Tensor& wa_, const 
   const Affine<T> f = stems_affine<T>(C, Cp, ga.data(), ba.data(), mean_a, invstd_a, gb.data(), bb.data(), mean_b,
                                       invstd_b);
   const bool nt = simd::stream_ok(y, rows * OW, C, simd::kStreamBytes);
-  pool::parallel_tasks(ntasks, [&](int64_t t) {
+  for_tasks(work, ntasks, [&](int64_t t) {
     T* xp = simd::scratch<T, 0>(xp_n);
     T* z = simd::scratch<T, 1>(z_n);
     for (int64_t r = t * per; r < std::min(rows, (t + 1) * per); ++r) {
@@ -509,13 +512,14 @@ void backward_kernel(const Geometry& g, const T* gy, const T* x, const at::Tenso
                                       mb.data(), ib.data());
   const int64_t rows = g.rows(), per = rows_per_task(rows), ntasks = (rows + per - 1) / per;
   const int64_t taps = g.Cin * K * K, tn = taps * Cp;
+  const int64_t work = rows * OW * tn;  // multiply-adds of one conv pass
   // Per task, float64: sums (3 Cp), G (tn), H (tn), S (taps), the shift m_t (Cp).
   const int64_t rec = 3 * Cp + 2 * tn + taps + Cp;
   std::vector<double> task(size_t(ntasks * rec));
   const size_t xp_n = size_t(g.Cin * K * g.Wp), z_n = size_t(2 * OW * Cp);
   // The next row of grad_y is prefetched when grad_y is large (it streams from memory).
   const bool pf = rows * OW * C * int64_t(sizeof(T)) >= simd::kStreamBytes;
-  pool::parallel_tasks(ntasks, [&](int64_t t) {
+  for_tasks(work, ntasks, [&](int64_t t) {
     T* xp = simd::scratch<T, 0>(xp_n);
     T* z = simd::scratch<T, 1>(z_n);
     T* gbuf = simd::scratch<T, 2>(size_t(OW * Cp));
