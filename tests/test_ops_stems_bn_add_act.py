@@ -114,9 +114,9 @@ def test_any_input_layout_and_weight_gradients_in_the_weights_layout(x_cl, w_cl)
 
 @needs_ext
 @pytest.mark.parametrize("relu6", [True, False], ids=["act", "none"])
-def test_large_maps_take_the_streaming_paths_on_two_threads(relu6):
-    """y and grad_y over simd::kStreamBytes (non-temporal stores of y, software prefetch of grad_y) and many tasks:
-    against the float64 reference, on 2 threads."""
+def test_large_maps_take_the_streaming_path_on_two_threads(relu6):
+    """y over simd::kStreamBytes (non-temporal stores) and many tasks: against the float64 reference, on 2
+    threads."""
     case = (16, 3, 1, 112, 112, 32, 2)
     x, *params, gy = _inputs(case, torch.float32, 5, requires_grad=False)
     assert gy.numel() * 4 >= 6 << 20

@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cstring>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "aten_tasks.h"
@@ -221,14 +222,6 @@ void both_convs(const Geometry& g, const T* xp, const T* wa, const T* wb, T* z) 
 // after every store (bn_act.cpp measured ~3x slower row loops). z is both branches' conv row
 // ([2][OW][Cp]); per-channel constants are Cp-padded (zeros past C); gy and y rows are OW x C.
 
-// The next row of a large map is prefetched while this one is worked on (bn_act.cpp: the hardware
-// prefetchers alone left its backward's input streams at ~30 GB/s).
-template <typename T>
-inline void prefetch(const T* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t o = 0; o < n * int64_t(sizeof(T)); o += 64) __builtin_prefetch(c + o, 0, 3);
-}
-
 // Per-channel mean and M2 of the row (two sweeps over z in L1) merged into the task's float64
 // moments (mu, m2 over 2 * Cp channels, cnt values so far) with Chan's formula.
 template <typename T>
@@ -323,16 +316,58 @@ void grad_row(T* __restrict z, const T* __restrict gy, const T* __restrict sa, c
   }
 }
 
-// sp[(ci * K + kh) * K + kw] += sum over ow of the tap's input, xp[ci][kh][ow * s + kw] (the patch sums).
+// Sum over the n elements row[0], row[s], ..., vectorised for s = 1 and 2 (lane parity is element parity:
+// even lanes sum row[0], row[2], ..., odd lanes row[1], row[3], ...); a scalar sum in four chains otherwise.
+// Returns {sum of row[i * s] for i < n, sum of row[i * s + 1] for i < n} (the second for s = 2 only).
+template <typename T>
+FF_ALWAYS_INLINE std::pair<T, T> strided_sums(const T* __restrict row, int64_t n, int s) {
+  using R = typename V<T>::reg;
+  constexpr int L = V<T>::L;
+  if (s == 1 || (s == 2 && L % 2 == 0)) {
+    const int64_t len = n * s;
+    R acc = V<T>::zero();
+    for (int64_t j = 0; j < len; j += L) acc = V<T>::add(acc, V<T>::load(row + j, V<T>::tail(len - j)));
+    alignas(64) T lanes[L];
+    V<T>::store(lanes, acc);
+    T even = T(0), odd = T(0);
+    for (int l = 0; l < L; l += 2) {
+      even += lanes[l];
+      if (l + 1 < L) odd += lanes[l + 1];
+    }
+    if (L == 1) return {even, T(0)};
+    return s == 1 ? std::pair<T, T>{even + odd, T(0)} : std::pair<T, T>{even, odd};
+  }
+  T c[4] = {T(0), T(0), T(0), T(0)};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    FF_UNROLL for (int k = 0; k < 4; ++k) c[k] += row[(i + k) * s];
+  }
+  for (; i < n; ++i) c[0] += row[i * s];
+  return {(c[0] + c[1]) + (c[2] + c[3]), T(0)};
+}
+
+// sp[(ci * K + kh) * K + kw] += sum over ow of the tap's input, xp[ci][kh][ow * s + kw] (the patch sums): one
+// vector sweep of each padded row, the three taps from it (s = 1: the window slides by one element per tap;
+// s = 2: taps 0 and 2 are the even elements, tap 1 the odd ones).
 template <typename T>
 void patch_sums_row(const T* __restrict xp, int64_t cin, int64_t Wp, int s, int64_t OW, T* __restrict sp) {
   for (int64_t ci = 0; ci < cin; ++ci) {
     for (int kh = 0; kh < K; ++kh) {
       const T* row = xp + (ci * K + kh) * Wp;
-      for (int kw = 0; kw < K; ++kw) {
-        T acc = T(0);
-        for (int64_t ow = 0; ow < OW; ++ow) acc += row[ow * s + kw];
-        sp[(ci * K + kh) * K + kw] += acc;
+      T* o = sp + (ci * K + kh) * K;
+      if (s == 1) {
+        const T s0 = strided_sums<T>(row, OW, 1).first;  // row[0 .. OW)
+        const T s1 = s0 - row[0] + row[OW];
+        o[0] += s0;
+        o[1] += s1;
+        o[2] += s1 - row[1] + row[OW + 1];
+      } else if (s == 2 && V<T>::L % 2 == 0) {
+        const auto eo = strided_sums<T>(row, OW, 2);  // row[0], row[2], ... and row[1], row[3], ...
+        o[0] += eo.first;
+        o[1] += eo.second;
+        o[2] += eo.first - row[0] + row[2 * OW];
+      } else {
+        for (int kw = 0; kw < K; ++kw) o[kw] += strided_sums<T>(row + kw, OW, s).first;
       }
     }
   }
@@ -435,8 +470,6 @@ void forward_kernel(const Geometry& g, const T* x, const at::Tensor& wa_, const 
                     const at::Tensor& gamma_a, const at::Tensor& beta_a, const at::Tensor& gamma_b,
                     const at::Tensor& beta_b, double eps, bool relu6, T* y, T* mean_a, T* invstd_a, T* mean_b,
                     T* invstd_b) {
-  constexpr int L = V<T>::L;
-  using R = typename V<T>::reg;
   const int64_t Cp = g.Cp, OW = g.OW, C = g.C, C2 = 2 * Cp;
   const std::vector<T> wa = pack_weight<T>(wa_, Cp), wb = pack_weight<T>(wb_, Cp);
   const int64_t rows = g.rows(), per = rows_per_task(rows), ntasks = (rows + per - 1) / per;
@@ -517,8 +550,8 @@ void backward_kernel(const Geometry& g, const T* gy, const T* x, const at::Tenso
   const int64_t rec = 3 * Cp + 2 * tn + taps + Cp;
   std::vector<double> task(size_t(ntasks * rec));
   const size_t xp_n = size_t(g.Cin * K * g.Wp), z_n = size_t(2 * OW * Cp);
-  // The next row of grad_y is prefetched when grad_y is large (it streams from memory).
-  const bool pf = rows * OW * C * int64_t(sizeof(T)) >= simd::kStreamBytes;
+  // grad_y is read row after row within a task: the hardware prefetchers follow it (a software prefetch of
+  // the next row, 112 lines at once, stalled on the fill buffers: the backward ran 0.5 ms slower in the step).
   for_tasks(work, ntasks, [&](int64_t t) {
     T* xp = simd::scratch<T, 0>(xp_n);
     T* z = simd::scratch<T, 1>(z_n);
@@ -534,7 +567,6 @@ void backward_kernel(const Geometry& g, const T* gy, const T* x, const at::Tenso
     int64_t pending = 0;
     const int64_t r0 = t * per, r1 = std::min(rows, (t + 1) * per);
     for (int64_t r = r0; r < r1; ++r) {
-      if (pf && r + 1 < rows) prefetch(gy + (r + 1) * OW * C, OW * C);
       pad_rows<T>(g, x, r, xp);
       both_convs<T>(g, xp, wa.data(), wb.data(), z);
       grad_row<T>(z, gy + r * OW * C, f.sa.data(), f.sb.data(), f.shift.data(), ma.data(), mb.data(), OW, C, Cp,
