@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -101,17 +102,26 @@ void conv_row_chunk(const T* xp, int64_t cin, int64_t Wp, int s, const T* w, int
   if (ow < OW) conv_block<T, NV, 1, S>(xp + ow * s, cin, Wp, s, w, Cp, z + ow * zs, zs);
 }
 
-template <typename T, int S>
-void conv_row_s(const T* xp, int64_t cin, int64_t Wp, int s, const T* w, int64_t Cp, int64_t OW, T* z, int64_t zs) {
+// f(NV, c0) for the Cp padded channels in chunks of up to 4 vectors (NV a std::integral_constant: the
+// micro-kernels' register blocks are sized at compile time).
+template <typename T, class F>
+FF_ALWAYS_INLINE void for_channel_chunks(int64_t Cp, F&& f) {
   constexpr int L = V<T>::L;
   for (int64_t c0 = 0; c0 < Cp; c0 += 4 * L) {
     switch (std::min<int64_t>(4, (Cp - c0) / L)) {
-      case 1: conv_row_chunk<T, 1, S>(xp, cin, Wp, s, w + c0, Cp, OW, z + c0, zs); break;
-      case 2: conv_row_chunk<T, 2, S>(xp, cin, Wp, s, w + c0, Cp, OW, z + c0, zs); break;
-      case 3: conv_row_chunk<T, 3, S>(xp, cin, Wp, s, w + c0, Cp, OW, z + c0, zs); break;
-      default: conv_row_chunk<T, 4, S>(xp, cin, Wp, s, w + c0, Cp, OW, z + c0, zs); break;
+      case 1: f(std::integral_constant<int, 1>{}, c0); break;
+      case 2: f(std::integral_constant<int, 2>{}, c0); break;
+      case 3: f(std::integral_constant<int, 3>{}, c0); break;
+      default: f(std::integral_constant<int, 4>{}, c0); break;
     }
   }
+}
+
+template <typename T, int S>
+void conv_row_s(const T* xp, int64_t cin, int64_t Wp, int s, const T* w, int64_t Cp, int64_t OW, T* z, int64_t zs) {
+  for_channel_chunks<T>(Cp, [&](auto nv, int64_t c0) {
+    conv_row_chunk<T, decltype(nv)::value, S>(xp, cin, Wp, s, w + c0, Cp, OW, z + c0, zs);
+  });
 }
 
 template <typename T>
@@ -166,15 +176,11 @@ void wgrad_row_chunk(const T* xp, int64_t cin, int64_t Wp, int s, const T* dz, i
 
 template <typename T>
 void wgrad_row(const T* xp, int64_t cin, int64_t Wp, int s, const T* dz, int64_t zs, int64_t OW, T* gw, int64_t Cp) {
-  constexpr int L = V<T>::L;
-  for (int64_t c0 = 0; c0 < Cp; c0 += 4 * L) {
-    switch (std::min<int64_t>(4, (Cp - c0) / L)) {
-      case 1: wgrad_row_chunk<T, 1, K>(xp, cin, Wp, s, dz + c0, zs, OW, gw + c0, Cp); break;
-      case 2: wgrad_row_chunk<T, 2, K>(xp, cin, Wp, s, dz + c0, zs, OW, gw + c0, Cp); break;
-      case 3: wgrad_row_chunk<T, 3, 1>(xp, cin, Wp, s, dz + c0, zs, OW, gw + c0, Cp); break;
-      default: wgrad_row_chunk<T, 4, 1>(xp, cin, Wp, s, dz + c0, zs, OW, gw + c0, Cp); break;
-    }
-  }
+  for_channel_chunks<T>(Cp, [&](auto nv, int64_t c0) {
+    constexpr int NV = decltype(nv)::value;
+    // All 9 taps of an input channel in registers up to two vectors (18 accumulators), a row of 3 beyond.
+    wgrad_row_chunk<T, NV, (NV <= 2 ? K : 1)>(xp, cin, Wp, s, dz + c0, zs, OW, gw + c0, Cp);
+  });
 }
 
 // Shapes and strides of one call; rows r = n * OH + oh.
