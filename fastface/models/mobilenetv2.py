@@ -264,6 +264,14 @@ def _bn_act_train(bns: Sequence[nn.BatchNorm2d], z: torch.Tensor, residual: torc
     return y
 
 
+def _update_each_running_stats(count: int, *bn_stats: tuple[nn.BatchNorm2d, torch.Tensor, torch.Tensor]) -> None:
+    """Each training BN's running statistics from its own (mean, invstd): the BNs of an add merge, each over its own
+    input."""
+    for bn, mean, invstd in bn_stats:
+        if bn.training:
+            _update_running_stats([bn], mean, invstd, count)
+
+
 def _bn_add_act_fuses(bns: Sequence[nn.BatchNorm2d], zs: Sequence[torch.Tensor]) -> bool:
     """Whether _bn_add_act_train takes these two BNs' inputs (channels_last float, one eps, one shape)."""
     cl = torch.channels_last
@@ -277,9 +285,7 @@ def _bn_add_act_train(bns: Sequence[nn.BatchNorm2d], zs: Sequence[torch.Tensor],
     count = _check_batch(zs[0].shape)
     (a, b) = bns
     y, mean_b, invstd_b, mean_a, invstd_a = bn_add_act(zs[1], b.weight, b.bias, zs[0], a.weight, a.bias, a.eps, relu6)
-    for bn, mean, invstd in ((a, mean_a, invstd_a), (b, mean_b, invstd_b)):
-        if bn.training:
-            _update_running_stats([bn], mean, invstd, count)
+    _update_each_running_stats(count, (a, mean_a, invstd_a), (b, mean_b, invstd_b))
     return y
 
 
@@ -307,9 +313,7 @@ def _stems_bn_add_act_train(stems: Sequence["ConvBNAct"], x: torch.Tensor) -> to
         x, a.conv.weight, a.bn.weight, a.bn.bias, b.conv.weight, b.bn.weight, b.bn.bias, a.conv.stride[0], a.bn.eps,
         isinstance(a.act, nn.ReLU6))
     count = _check_batch(y.shape)
-    for bn, mean, invstd in ((a.bn, mean_a, invstd_a), (b.bn, mean_b, invstd_b)):
-        if bn.training:
-            _update_running_stats([bn], mean, invstd, count)
+    _update_each_running_stats(count, (a.bn, mean_a, invstd_a), (b.bn, mean_b, invstd_b))
     return y
 
 
