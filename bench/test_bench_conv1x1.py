@@ -8,10 +8,13 @@ rest are projections). Providers, forward and backward timed apart:
 - aten      F.conv2d / torch.ops.aten.convolution_backward (grad_x + grad_weight): the plain modules
 - fastface  torch.ops.fastface.conv1x1_forward / conv1x1_backward (both gradients from one pass over
             grad_out)
+- gemm      fastface.ops.conv1x1.conv1x1_gemm_forward / conv1x1_gemm_backward (torch.mm over the
+            channels_last pixel rows: MKL's sgemm)
 
-`routed` is what the model runs: the forward and backward each fastface's where conv1x1_forward_pays /
-conv1x1_backward_pays (forward: maps of at least 28 x 28 with one side of at most 32 channels, and 7 x 7
-maps; backward: maps of at least 14 x 14 with one side of at most 32 channels). Each round runs every provider once per map, round-robin, inside
+`routed` is what the model runs: each map's forward and backward on the route fastface.ops.conv1x1.conv1x1_routes
+picks (fastface where conv1x1_forward_pays / conv1x1_backward_pays: forward on maps of at least 28 x 28 with
+one side of at most 32 channels and on the expanding convs below 28 x 28, backward on maps of at least
+14 x 14 with one side of at most 32 channels; else gemm below 28 x 28; else aten). Each round runs every provider once per map, round-robin, inside
 fastface.ops.cpu_cache (as the trainer runs); a time is the median over ROUNDS rounds; totals weigh
 each map by its count in the network. Results: bench/results/conv1x1_cpu.json.
 
@@ -28,6 +31,8 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+
+from fastface.ops.conv1x1 import conv1x1_gemm_backward, conv1x1_gemm_forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -55,6 +60,8 @@ PROVIDERS = {
     "aten_backward": lambda gz, x, w: torch.ops.aten.convolution_backward(
         gz, x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]),
     "fastface_backward": lambda gz, x, w: torch.ops.fastface.conv1x1_backward(gz, x, w, None, None, [True, True]),
+    "gemm_forward": lambda gz, x, w: conv1x1_gemm_forward(x, w),
+    "gemm_backward": lambda gz, x, w: conv1x1_gemm_backward(gz, x, w),
 }
 
 
@@ -77,7 +84,7 @@ def test_conv1x1(benchmark):
     if not HAS_EXT:
         pytest.skip("fastface._C not built")
     from fastface.ops import cpu_cache
-    from fastface.ops.conv1x1 import conv1x1_backward_pays, conv1x1_forward_pays
+    from fastface.ops.conv1x1 import conv1x1_routes
 
     torch.set_num_threads(THREADS)
     maps = {f"{ci}->{co}@{h}": (_inputs(ci, co, h), n) for ci, co, h, n in LAYERS}
@@ -96,23 +103,24 @@ def test_conv1x1(benchmark):
                 fn(*args)
         benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     ms = {m: {p: statistics.median(v) * 1e3 for p, v in d.items()} for m, d in times.items()}
-    speedup = {m: {k: d[f"aten_{k}"] / d[f"fastface_{k}"] for k in ("forward", "backward")} for m, d in ms.items()}
-    routed = {m: {"forward": conv1x1_forward_pays(args[1], args[2].shape[0]),
-                  "backward": conv1x1_backward_pays(args[1], args[2].shape[0])} for m, (args, _) in maps.items()}
+    speedup = {m: {f"{p}_{k}": d[f"aten_{k}"] / d[f"{p}_{k}"] for p in ("fastface", "gemm")
+                   for k in ("forward", "backward")} for m, d in ms.items()}
+    routed = {m: dict(zip(("forward", "backward"), conv1x1_routes(args[1], args[2].shape[0])))
+              for m, (args, _) in maps.items()}
     total = {p: sum(ms[m][p] * n for m, (_, n) in maps.items()) for p in PROVIDERS}
-    routed_ms = sum(sum(ms[m][f"{'fastface' if routed[m][k] else 'aten'}_{k}"] for k in ("forward", "backward")) * n
+    routed_ms = sum(sum(ms[m][f"{routed[m][k]}_{k}"] for k in ("forward", "backward")) * n
                     for m, (_, n) in maps.items())
     aten_ms = total["aten_forward"] + total["aten_backward"]
     path = _save({
         "what": "median ms per 1x1 conv forward and backward (grad_x + grad_weight), batch 64, channels_last fp32; "
-                "speedup = aten / fastface; totals over the face model's layers (ms per training step); routed: "
-                "fastface where conv1x1_forward_pays / conv1x1_backward_pays",
-        "ms": ms, "speedup": speedup, "routed_to_fastface": routed, "total_ms": total,
+                "speedup = aten / provider; totals over the face model's layers (ms per training step); routed: "
+                "the route conv1x1_routes picks for each map (fastface, gemm or aten)",
+        "ms": ms, "speedup": speedup, "routes": routed, "total_ms": total,
         "total_aten_ms": aten_ms, "total_routed_ms": routed_ms, "total_routed_speedup": aten_ms / routed_ms})
     print(f"\n1x1 conv, median ms over {ROUNDS} rounds (forward | backward):")
     for m, d in ms.items():
         print(f"  {m:<13} aten {d['aten_forward']:6.2f} | {d['aten_backward']:6.2f}   fastface "
-              f"{d['fastface_forward']:6.2f} | {d['fastface_backward']:6.2f}   x{speedup[m]['forward']:.2f} | "
-              f"x{speedup[m]['backward']:.2f}   routed: {'+'.join(k for k, v in routed[m].items() if v) or '-'}")
+              f"{d['fastface_forward']:6.2f} | {d['fastface_backward']:6.2f}   gemm {d['gemm_forward']:6.2f} | "
+              f"{d['gemm_backward']:6.2f}   routed: {routed[m]['forward']} | {routed[m]['backward']}")
     print(f"  network: aten {aten_ms:.1f} ms, routed {routed_ms:.1f} ms (x{aten_ms / routed_ms:.2f})")
     print(f"  saved {path}")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fastface._ext import HAS_EXT
 from fastface.ops.conv1x1 import (
     Conv1x1Function, conv1x1, conv1x1_backward, conv1x1_backward_pays, conv1x1_backward_reference, conv1x1_forward_pays,
-    conv1x1_problems,
+    conv1x1_gemm_backward, conv1x1_gemm_forward, conv1x1_gemm_pays, conv1x1_problems, conv1x1_routes,
 )
 from helpers import assert_fast_within_torch_error
 
@@ -163,21 +163,71 @@ def test_errors_name_the_problem():
     assert any("float32/float64" in w for w in conv1x1_problems(x.half(), wt.half()))
 
 
+ROUTE_PAIRS = [("fastface", "fastface"), ("aten", "fastface"), ("fastface", "aten"), ("gemm", "gemm"),
+               ("gemm", "fastface"), ("aten", "gemm")]
+
+
 @needs_ext
-def test_function_gradcheck():
+@pytest.mark.parametrize("routes", ROUTE_PAIRS, ids="-".join)
+def test_function_gradcheck(routes):
     x, wt, *_ = _inputs((2, 3, 5, 3, 4), torch.float64, 7)
-    for fwd, bwd in ((True, True), (False, True), (True, False)):
-        assert torch.autograd.gradcheck(lambda a, b: Conv1x1Function.apply(a, b, fwd, bwd),
+    assert torch.autograd.gradcheck(lambda a, b: Conv1x1Function.apply(a, b, *routes),
+                                    (x.requires_grad_(), wt.requires_grad_()))
+
+
+def test_function_gemm_routes_gradcheck_without_the_extension():
+    """The GEMM routes are plain PyTorch: gradcheck holds on NCHW and channels_last inputs alike."""
+    for cl in (True, False):
+        x, wt, *_ = _inputs((2, 4, 3, 3, 5), torch.float64, 11, channels_last=cl)
+        assert torch.autograd.gradcheck(lambda a, b: Conv1x1Function.apply(a, b, "gemm", "gemm"),
                                         (x.requires_grad_(), wt.requires_grad_()))
+
+
+def test_function_rejects_an_unknown_route():
+    x, wt, *_ = _inputs((1, 2, 3, 2, 2), torch.float32, 1)
+    with pytest.raises(ValueError, match="route 'mkl' is not one of"):
+        Conv1x1Function.apply(x, wt, "mkl", "aten")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw_grad", "nchw"])
+def test_gemm_forms_match_the_reference(shape, dtype, layout):
+    """conv1x1_gemm_forward / _backward = F.conv2d and its ATen backward (float64 exact to rounding; float32 within
+    PyTorch's own error of float64), channels_last out, masked-off outputs empty; a grad_out or x not channels_last
+    is taken as well (copied into rows)."""
+    x, wt, gz, *_ = _inputs(shape, dtype, sum(shape) + 3, channels_last=layout != "nchw")
+    if layout == "nchw_grad":
+        gz = gz.contiguous()
+    z = conv1x1_gemm_forward(x, wt)
+    assert z.shape == (shape[0], shape[2], shape[3], shape[4]) and z.dtype == dtype
+    assert z.is_contiguous(memory_format=torch.channels_last)
+    gx, gw = conv1x1_gemm_backward(gz, x, wt)
+    rx, rw = _reference64(gz, x, wt, None, None)
+    assert gx.shape == x.shape and gw.shape == wt.shape and gx.is_contiguous(memory_format=torch.channels_last)
+    zr = F.conv2d(x.double(), wt.double())
+    if dtype == torch.float64:
+        for got, ref in ((z, zr), (gx, rx), (gw, rw)):
+            torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+    else:
+        assert_fast_within_torch_error(z, F.conv2d(x, wt), zr)
+        tx, tw = conv1x1_backward_reference(gz, x, wt)
+        assert_fast_within_torch_error(gx, tx, rx)
+        assert_fast_within_torch_error(gw, tw, rw)
+    ex, ew = conv1x1_gemm_backward(gz, x, wt, (False, True))
+    assert ex.numel() == 0 and torch.equal(ew, gw)
+    ex, ew = conv1x1_gemm_backward(gz, x, wt, (True, False))
+    assert ew.numel() == 0 and torch.equal(ex, gx)
 
 
 @needs_ext
 @pytest.mark.parametrize("needs", [(True, True), (False, True), (True, False)])
-def test_function_matches_conv2d_forward_and_backward(needs):
+@pytest.mark.parametrize("routes", ROUTE_PAIRS, ids="-".join)
+def test_function_matches_conv2d_forward_and_backward(needs, routes):
     x, wt, gz, *_ = _inputs((3, 16, 40, 5, 6), torch.float32, 8)
     x.requires_grad_(needs[0])
     wt.requires_grad_(needs[1])
-    z = Conv1x1Function.apply(x, wt, True, True)
+    z = Conv1x1Function.apply(x, wt, *routes)
     zr = F.conv2d(x, wt)
     leaves = [t for t in (x, wt) if t.requires_grad]
     got, ref = torch.autograd.grad(z, leaves, gz), torch.autograd.grad(zr, leaves, gz)
@@ -187,24 +237,39 @@ def test_function_matches_conv2d_forward_and_backward(needs):
 
 
 def test_conv1x1_routes_by_the_measured_rule():
-    """Large channels_last float32 maps under autograd take Conv1x1Function; small maps, NCHW, no grad: conv2d."""
+    """channels_last float32 maps under autograd take Conv1x1Function on conv1x1_routes' routes: the C++ kernels on
+    the large small-channel maps (and the forward of the expanding convs below 28 x 28), the GEMMs for the rest
+    below 28 x 28; wide maps of 28 x 28 and more, NCHW inputs, no grad: F.conv2d."""
     big = torch.randn(1, 16, 28, 28).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(96, 16, 1, 1, requires_grad=True)
     assert conv1x1_forward_pays(big, 96) and conv1x1_forward_pays(big[:, :, :14, :14], 96)
     assert conv1x1_backward_pays(big[:, :, :14, :14], 96) and not conv1x1_backward_pays(big[:, :, :7, :7], 96)
     assert conv1x1_forward_pays(big[:, :, :7, :7], 96) and not conv1x1_forward_pays(big[:, :, :4, :4], 96)
-    small = big[:, :, :7, :7].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    ys = conv1x1(small, w)  # the forward's kernel, oneDNN's backward
-    assert (type(ys.grad_fn).__name__ == "Conv1x1FunctionBackward") == HAS_EXT
-    gz = torch.randn_like(ys)
-    got = torch.autograd.grad(ys, (small, w), gz)
-    ref = torch.autograd.grad(F.conv2d(small, w), (small, w), gz)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    for pays in (conv1x1_forward_pays, conv1x1_backward_pays):  # both sides wide: oneDNN is at its peak there
-        assert not pays(torch.randn(1, 64, 28, 28), 96)
+    proj14 = torch.randn(1, 192, 14, 14)  # a projection (cout < cin) below 28 x 28: the GEMM's forward
+    assert not conv1x1_forward_pays(proj14, 32) and conv1x1_backward_pays(proj14, 32)
+    assert conv1x1_routes(proj14, 32) == ("gemm", "fastface")
+    assert conv1x1_routes(big[:, :, :7, :7], 96) == ("fastface", "gemm")
+    assert conv1x1_routes(torch.randn(1, 960, 4, 4), 320) == ("gemm", "gemm")
+    assert conv1x1_routes(big, 96) == ("fastface", "fastface")
+    assert conv1x1_gemm_pays(proj14) and not conv1x1_gemm_pays(big)
+    wide28 = torch.randn(1, 64, 28, 28)  # both sides wide at 28 x 28: oneDNN is at its peak there
+    for pays in (conv1x1_forward_pays, conv1x1_backward_pays):
+        assert not pays(wide28, 96)
+    assert conv1x1_routes(wide28, 96) == ("aten", "aten")
+    wide28 = wide28.contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert type(conv1x1(wide28, w.detach()[:, :1].expand(96, 64, 1, 1).contiguous()).grad_fn).__name__ \
+        == "ConvolutionBackward0"
     wide14 = torch.randn(1, 64, 14, 14)  # the forward pays there since its tasks are balanced, the backward not
     assert conv1x1_forward_pays(wide14, 96) and not conv1x1_backward_pays(wide14, 96)
+    for small in (big[:, :, :7, :7], big[:, :, :4, :4]):
+        small = small.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        ys = conv1x1(small, w)  # the forward's kernel or the GEMM, the GEMMs' backward
+        assert (type(ys.grad_fn).__name__ == "Conv1x1FunctionBackward") == HAS_EXT
+        gz = torch.randn_like(ys)
+        got = torch.autograd.grad(ys, (small, w), gz)
+        ref = torch.autograd.grad(F.conv2d(small, w), (small, w), gz)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     y = conv1x1(big, w)
     assert (type(y.grad_fn).__name__ == "Conv1x1FunctionBackward") == HAS_EXT
     assert type(conv1x1(big.detach().contiguous().requires_grad_(), w).grad_fn).__name__ != "Conv1x1FunctionBackward"

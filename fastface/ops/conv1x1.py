@@ -17,9 +17,11 @@ stores. channels_last is the fast layout.
 
 `Conv1x1Function` puts them under autograd, each where `conv1x1_forward_pays` / `conv1x1_backward_pays`
 (measured faster: the face model's large maps, where oneDNN's small-channel GEMMs are memory-bound, and
-for the forward its 7 x 7 maps), else ATen's convolution.
-`conv1x1_backward_reference` and F.conv2d are the plain PyTorch definitions the kernels are tested
-against.
+for the forward its expanding convs below 28 x 28); below 28 x 28 the rest run as GEMMs over the pixels
+(`conv1x1_gemm_forward` / `conv1x1_gemm_backward`: torch.mm, MKL's sgemm, on the channels_last rows, no
+copies), which beat ATen's oneDNN convolution there (`conv1x1_gemm_pays`); larger wide maps stay oneDNN's.
+`conv1x1_routes` says which a map takes. `conv1x1_backward_reference` and F.conv2d are the plain PyTorch
+definitions the kernels and the GEMM forms are tested against.
 """
 from __future__ import annotations
 
@@ -96,35 +98,76 @@ def conv1x1_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, weight)
 
 
+def conv1x1_gemm_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """conv2d(x, weight) (1x1, groups 1, no bias) of a channels_last x as one GEMM over its pixels (torch.mm: MKL's
+    sgemm in the CPU wheel); channels_last out, a view of the GEMM's rows."""
+    n, c, h, w = x.shape
+    z = torch.mm(x.permute(0, 2, 3, 1).reshape(n * h * w, c), weight.reshape(weight.shape[0], c).t())
+    return z.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def conv1x1_gemm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          output_mask: tuple[bool, bool] = (True, True)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight) of conv2d(x, weight) (1x1, groups 1) as two GEMMs over the pixels: grad_out W and
+    grad_out^T x (torch.mm; grad_x channels_last); masked-off outputs are empty tensors."""
+    n, c, h, w = x.shape
+    cout = weight.shape[0]
+    g = grad_out.permute(0, 2, 3, 1).reshape(n * h * w, cout)  # (a view when grad_out is channels_last)
+    gx = (torch.mm(g, weight.reshape(cout, c)).view(n, h, w, c).permute(0, 3, 1, 2) if output_mask[0]
+          else x.new_empty((0,)))
+    gw = (torch.mm(g.t(), x.permute(0, 2, 3, 1).reshape(n * h * w, c)).view(weight.shape) if output_mask[1]
+          else weight.new_empty((0,)))
+    return gx, gw
+
+
 def conv1x1_forward_pays(x: torch.Tensor, cout: int) -> bool:
-    """Whether the C++ forward beat oneDNN's on this channels_last float32 input here: maps of at least 28 x 28
-    with at most 32 channels on one side (the face model's 56 x 56 and 28 x 28 layers: 1.22-1.89x), where oneDNN's
-    small-channel GEMMs are memory-bound, and maps of 7 x 7 up to 27 x 27 (its 14 x 14 layers 1.30-1.88x, its
-    7 x 7 layers, 64..576 channels, 1.04-1.44x); 0.93-1.06x at 4 x 4, left to oneDNN (bench/test_bench_conv1x1.py,
-    bench/results/conv1x1_cpu.json; the 14 x 14 layers ran at 0.65-0.9x before the kernel's tasks were balanced
-    over the threads)."""
+    """Whether the C++ forward beat oneDNN's and the GEMM on this channels_last float32 input here: maps of at least
+    28 x 28 with at most 32 channels on one side (the face model's 56 x 56 and 28 x 28 layers: 1.3-2.1x oneDNN),
+    where oneDNN's small-channel GEMMs are memory-bound, and the expanding convs (cout >= cin) on maps of 7 x 7 up to
+    27 x 27 (32->192 at 14 x 14: 0.76 ms vs the GEMM's 1.11; 96->576 at 7 x 7: 1.52 vs 1.70); the projections there
+    run faster as the GEMM (bench/test_bench_conv1x1.py, bench/results/conv1x1_cpu.json)."""
     side = min(x.shape[2], x.shape[3])
-    return (side >= 28 and min(x.shape[1], cout) <= 32) or 7 <= side < 28
+    return (side >= 28 and min(x.shape[1], cout) <= 32) or (7 <= side < 28 and cout >= x.shape[1])
 
 
 def conv1x1_backward_pays(x: torch.Tensor, cout: int) -> bool:
-    """Whether the one-pass C++ backward beat oneDNN's here: maps of at least 14 x 14 with at most 32 channels on one
-    side (1.32-1.5x at 56 x 56, 1.23-1.42x at 28 x 28, 1.07-1.32x at 14 x 14); with both sides wide (the 7 x 7 and
-    4 x 4 layers, 64..1280 channels) oneDNN's GEMMs run at ~180 GFLOP/s and this one at 0.88-1.18x of them
-    (bench/test_bench_conv1x1.py, bench/results/conv1x1_cpu.json)."""
+    """Whether the one-pass C++ backward beat oneDNN's and the GEMMs here: maps of at least 14 x 14 with at most 32
+    channels on one side (1.32-1.5x oneDNN at 56 x 56, 1.23-1.42x at 28 x 28, 1.07-1.32x at 14 x 14;
+    bench/test_bench_conv1x1.py, bench/results/conv1x1_cpu.json)."""
     return min(x.shape[2], x.shape[3]) >= 14 and min(x.shape[1], cout) <= 32
 
 
+def conv1x1_gemm_pays(x: torch.Tensor) -> bool:
+    """Whether the GEMM form (conv1x1_gemm_forward / _backward) beat oneDNN's convolution on this channels_last
+    float32 input where the C++ kernels do not pay: maps under 28 x 28 (the face model's 14 x 14, 7 x 7 and 4 x 4
+    layers; backward 1.1-1.7x oneDNN's, e.g. 960->320 at 4 x 4: 4.2 vs 5.7 ms; forward 1.0-1.2x), where ATen's
+    oneDNN path pays a fixed cost per call (~0.3 ms a primitive at batch 2) and its backward runs grad_x and
+    grad_weight as two primitives (bench/test_bench_conv1x1.py, bench/results/conv1x1_cpu.json)."""
+    return min(x.shape[2], x.shape[3]) < 28
+
+
+ROUTES = ("fastface", "gemm", "aten")
+
+
+def _forward_by(route: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if route == "fastface":
+        return conv1x1_forward(x, weight)
+    return conv1x1_gemm_forward(x, weight) if route == "gemm" else F.conv2d(x, weight)
+
+
 class Conv1x1Function(torch.autograd.Function):
-    """(x, weight, kernel_forward, kernel_backward) -> conv2d(x, weight), 1x1, groups 1, no bias: the C++ forward
-    (conv1x1_forward) if kernel_forward else oneDNN's, the one-pass C++ backward (conv1x1_backward) if
-    kernel_backward else oneDNN's; see conv1x1 for where each is used."""
+    """(x, weight, forward_route, backward_route) -> conv2d(x, weight), 1x1, groups 1, no bias; each route one of
+    ROUTES: "fastface" (the C++ conv1x1_forward / one-pass conv1x1_backward), "gemm" (conv1x1_gemm_forward /
+    conv1x1_gemm_backward, channels_last x) or "aten" (oneDNN's); see conv1x1 for where each is used."""
 
     @staticmethod
-    def forward(ctx, x, weight, kernel_forward, kernel_backward):
+    def forward(ctx, x, weight, forward_route, backward_route):
+        for r in (forward_route, backward_route):
+            if r not in ROUTES:
+                raise ValueError(f"conv1x1 route {r!r} is not one of {ROUTES}")
         ctx.save_for_backward(x, weight)
-        ctx.kernel_backward = kernel_backward
-        return conv1x1_forward(x, weight) if kernel_forward else F.conv2d(x, weight)
+        ctx.backward_route = backward_route
+        return _forward_by(forward_route, x, weight)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -132,20 +175,29 @@ class Conv1x1Function(torch.autograd.Function):
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if not any(mask):
             return None, None, None, None
-        if ctx.kernel_backward:
+        if ctx.backward_route == "fastface":
             gx, gw = conv1x1_backward(grad_out, x, weight, None, None, mask)
+        elif ctx.backward_route == "gemm":
+            gx, gw = conv1x1_gemm_backward(grad_out, x, weight, mask)
         else:
             gx, gw = conv1x1_backward_reference(grad_out, x, weight, None, None, mask)
         return gx if mask[0] else None, gw if mask[1] else None, None, None
 
 
+def conv1x1_routes(x: torch.Tensor, cout: int) -> tuple[str, str]:
+    """(forward route, backward route) that conv1x1 takes for a channels_last float32 x under autograd: "fastface"
+    where conv1x1_forward_pays / conv1x1_backward_pays, else "gemm" where conv1x1_gemm_pays, else "aten"."""
+    gemm = "gemm" if conv1x1_gemm_pays(x) else "aten"
+    return (("fastface" if conv1x1_forward_pays(x, cout) else gemm),
+            ("fastface" if conv1x1_backward_pays(x, cout) else gemm))
+
+
 def conv1x1(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """conv2d(x, weight) for a groups-1 1x1 conv without bias in training: through Conv1x1Function where a C++ kernel
-    serves and pays (channels_last float32 CPU input under autograd; the forward where conv1x1_forward_pays, the
-    backward where conv1x1_backward_pays), else F.conv2d."""
+    """conv2d(x, weight) for a groups-1 1x1 conv without bias in training: through Conv1x1Function on the routes of
+    conv1x1_routes (channels_last float32 CPU input under autograd) unless both are oneDNN's, else F.conv2d."""
     if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and is_channels_last(x)
             and x.dtype == torch.float32 and not conv1x1_problems(x, weight)):
-        fwd, bwd = conv1x1_forward_pays(x, weight.shape[0]), conv1x1_backward_pays(x, weight.shape[0])
-        if fwd or bwd:
-            return Conv1x1Function.apply(x, weight, fwd, bwd)
+        routes = conv1x1_routes(x, weight.shape[0])
+        if routes != ("aten", "aten"):
+            return Conv1x1Function.apply(x, weight, *routes)
     return F.conv2d(x, weight)
