@@ -5,9 +5,10 @@ memory); each runs in its own process, as there. torch.profiler records STEPS st
 and every op's *self* CPU time is put in one class:
 
 - conv_forward / conv_backward   the convolutions but the depthwise ones fastface's kernels run: all of the
-                                  plain loop's (ATen's, oneDNN); the trainer's stems, the 1x1 convs (oneDNN's,
-                                  or fastface.ops.conv1x1's kernels where they pay) and the depthwise ones its
-                                  kernels leave to oneDNN
+                                  plain loop's (ATen's, oneDNN); the trainer's stems (fastface.ops.stems_bn_add_act:
+                                  the two stem convs with their BNs, add merge and ReLU6 in one op), the 1x1 convs
+                                  (fastface.ops.conv1x1's kernels where they pay, its GEMM form below 28 x 28, else
+                                  oneDNN's) and the depthwise ones its kernels leave to oneDNN
 - dwconv                          fastface's depthwise kernels (fastface.ops.dwconv_train: forward,
                                   one-pass backward, with an expand BN + ReLU6 folded in where one
                                   precedes them; dwconv_forward_stats, the forward that also reduces
@@ -55,10 +56,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
 CLASSES = {
-    "conv_forward": ("fastface::conv1x1_forward", "Conv1x1Function",
+    "conv_forward": ("fastface::conv1x1_forward", "Conv1x1Function", "fastface::stems_bn_add_act",
                      "aten::mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::conv2d",
                      "aten::_convolution_mode"),
-    "conv_backward": ("fastface::conv1x1_backward", "Conv1x1FunctionBackward",
+    "conv_backward": ("fastface::conv1x1_backward", "Conv1x1FunctionBackward", "fastface::stems_bn_add_act_backward",
                       "autograd::engine::evaluate_function: Conv1x1FunctionBackward",
                       "aten::convolution_backward", "ConvolutionBackward0",
                       "autograd::engine::evaluate_function: ConvolutionBackward0"),
@@ -91,10 +92,24 @@ CLASS_OF = {name: cls for cls, names in CLASSES.items() for name in names}
 # stage (in the trainer bn_act folds them in); the same ops on small tensors (loss, optimiser) are not.
 SIZED = ("aten::add", "aten::add_", "aten::clamp", "aten::clamp_")
 ADD_SHAPES_MIN = 1 << 16
+# The GEMM route of the 1x1 convs (fastface.ops.conv1x1.conv1x1_gemm_*) runs aten::mm under these autograd
+# nodes: its ops are the node's class, not "other" with the FC's mm.
+PARENT_CLASS = {"Conv1x1Function": "conv_forward", "Conv1x1FunctionBackward": "conv_backward",
+                "StemsBNAddActFunction": "conv_forward", "StemsBNAddActFunctionBackward": "conv_backward"}
+
+
+def _class_from_parents(e) -> str | None:
+    p = getattr(e, "cpu_parent", None)
+    while p is not None:
+        if p.name in PARENT_CLASS:
+            return PARENT_CLASS[p.name]
+        p = p.cpu_parent
+    return None
 
 
 def classify(events) -> tuple[dict[str, float], dict[str, float]]:
-    """(self CPU ms by class, self CPU ms of the 'other' ops by name) over profiler events."""
+    """(self CPU ms by class, self CPU ms of the 'other' ops by name) over profiler events (prof.events(): an op
+    without a class of its own takes that of the nearest autograd node above it in PARENT_CLASS)."""
     by_class: dict[str, float] = defaultdict(float)
     other: dict[str, float] = defaultdict(float)
     for e in events:
@@ -105,6 +120,8 @@ def classify(events) -> tuple[dict[str, float], dict[str, float]]:
             for d in e.input_shapes[0]:
                 numel *= d
             cls = "bn_act" if numel >= ADD_SHAPES_MIN else None
+        if cls is None:
+            cls = _class_from_parents(e)
         if cls is None:
             cls = "other"
             other[e.key] += ms
@@ -131,7 +148,7 @@ def worker(name: str, data: str, steps: int, threads: int) -> dict:
             step()
         prof_ms = (time.perf_counter() - t0) / steps * 1000
     close()
-    by_class, other = classify(prof.key_averages(group_by_input_shape=True))
+    by_class, other = classify(prof.events())
     per_step = {k: v / steps for k, v in by_class.items()}
     top_other = sorted(((v / steps, k) for k, v in other.items()), reverse=True)[:8]
     return {"step_ms": plain_ms, "profiled_step_ms": prof_ms, "ms_per_step": per_step,
