@@ -22,9 +22,7 @@ each map by its count in the network. Results: bench/results/conv1x1_cpu.json.
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -32,10 +30,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _results import save_result
+
 from fastface.ops.conv1x1 import conv1x1_gemm_backward, conv1x1_gemm_forward
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "bench", "results")
 THREADS = int(os.environ.get("BENCH_THREADS", 2))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 15))
 # (Cin, Cout, H, layers of the face model with it)
@@ -63,18 +61,6 @@ PROVIDERS = {
     "gemm_forward": lambda gz, x, w: conv1x1_gemm_forward(x, w),
     "gemm_backward": lambda gz, x, w: conv1x1_gemm_backward(gz, x, w),
 }
-
-
-def _save(payload: dict) -> str:
-    from fastface.utils import atomic_write_text
-
-    payload.update({"threads": torch.get_num_threads(), "rounds": ROUNDS, "load_avg": os.getloadavg(),
-                    "torch": torch.__version__, "machine": platform.platform(),
-                    "when": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    path = os.path.join(RESULTS, os.environ.get("BENCH_OUT", "conv1x1_cpu.json"))
-    os.makedirs(RESULTS, exist_ok=True)
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-    return path
 
 
 def test_conv1x1(benchmark):
@@ -111,7 +97,7 @@ def test_conv1x1(benchmark):
     routed_ms = sum(sum(ms[m][f"{routed[m][k]}_{k}"] for k in ("forward", "backward")) * n
                     for m, (_, n) in maps.items())
     aten_ms = total["aten_forward"] + total["aten_backward"]
-    path = _save({
+    path = save_result("conv1x1_cpu.json", {"rounds": ROUNDS, 
         "what": "median ms per 1x1 conv forward and backward (grad_x + grad_weight), batch 64, channels_last fp32; "
                 "speedup = aten / provider; totals over the face model's layers (ms per training step); routed: "
                 "the route conv1x1_routes picks for each map (fastface, gemm or aten)",
