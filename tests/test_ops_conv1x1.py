@@ -220,6 +220,14 @@ def test_gemm_forms_match_the_reference(shape, dtype, layout):
     assert ew.numel() == 0 and torch.equal(ex, gx)
 
 
+def test_gemm_forms_take_an_empty_batch():
+    """No pixels: an empty output of the right shape and a zero weight gradient (not a reshape error)."""
+    x, wt, gz, *_ = _inputs((0, 5, 7, 3, 2), torch.float32, 2)
+    assert conv1x1_gemm_forward(x, wt).shape == (0, 7, 3, 2)
+    gx, gw = conv1x1_gemm_backward(gz, x, wt)
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(wt))
+
+
 @needs_ext
 @pytest.mark.parametrize("needs", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("routes", ROUTE_PAIRS, ids="-".join)

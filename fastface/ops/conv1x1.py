@@ -103,7 +103,7 @@ def conv1x1_gemm_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     sgemm in the CPU wheel); channels_last out, a view of the GEMM's rows."""
     n, c, h, w = x.shape
     z = torch.mm(x.permute(0, 2, 3, 1).reshape(n * h * w, c), weight.reshape(weight.shape[0], c).t())
-    return z.view(n, h, w, -1).permute(0, 3, 1, 2)
+    return z.view(n, h, w, weight.shape[0]).permute(0, 3, 1, 2)
 
 
 def conv1x1_gemm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
