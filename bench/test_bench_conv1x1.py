@@ -97,7 +97,8 @@ def test_conv1x1(benchmark):
     routed_ms = sum(sum(ms[m][f"{routed[m][k]}_{k}"] for k in ("forward", "backward")) * n
                     for m, (_, n) in maps.items())
     aten_ms = total["aten_forward"] + total["aten_backward"]
-    path = save_result("conv1x1_cpu.json", {"rounds": ROUNDS, 
+    path = save_result("conv1x1_cpu.json", {
+        "rounds": ROUNDS,
         "what": "median ms per 1x1 conv forward and backward (grad_x + grad_weight), batch 64, channels_last fp32; "
                 "speedup = aten / provider; totals over the face model's layers (ms per training step); routed: "
                 "the route conv1x1_routes picks for each map (fastface, gemm or aten)",

@@ -122,7 +122,7 @@ def conv1x1_gemm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch
 
 def conv1x1_forward_pays(x: torch.Tensor, cout: int) -> bool:
     """Whether the C++ forward beat oneDNN's and the GEMM on this channels_last float32 input here: maps of at least
-    28 x 28 with at most 32 channels on one side (the face model's 56 x 56 and 28 x 28 layers: 1.3-2.1x oneDNN),
+    28 x 28 with at most 32 channels on one side (the face model's 56 x 56 and 28 x 28 layers: 1.45-2.16x oneDNN),
     where oneDNN's small-channel GEMMs are memory-bound, and the expanding convs (cout >= cin) on maps of 7 x 7 up to
     27 x 27 (32->192 at 14 x 14: 0.76 ms vs the GEMM's 1.11; 96->576 at 7 x 7: 1.52 vs 1.70); the projections there
     run faster as the GEMM (bench/test_bench_conv1x1.py, bench/results/conv1x1_cpu.json)."""
@@ -132,15 +132,15 @@ def conv1x1_forward_pays(x: torch.Tensor, cout: int) -> bool:
 
 def conv1x1_backward_pays(x: torch.Tensor, cout: int) -> bool:
     """Whether the one-pass C++ backward beat oneDNN's and the GEMMs here: maps of at least 14 x 14 with at most 32
-    channels on one side (1.32-1.5x oneDNN at 56 x 56, 1.23-1.42x at 28 x 28, 1.07-1.32x at 14 x 14;
-    bench/test_bench_conv1x1.py, bench/results/conv1x1_cpu.json)."""
+    channels on one side (1.91-2.41x oneDNN at 56 x 56, 1.94-2.28x at 28 x 28, 1.32-1.75x at 14 x 14, and faster than
+    the GEMMs there; bench/test_bench_conv1x1.py, bench/results/conv1x1_cpu.json)."""
     return min(x.shape[2], x.shape[3]) >= 14 and min(x.shape[1], cout) <= 32
 
 
 def conv1x1_gemm_pays(x: torch.Tensor) -> bool:
     """Whether the GEMM form (conv1x1_gemm_forward / _backward) beat oneDNN's convolution on this channels_last
     float32 input where the C++ kernels do not pay: maps under 28 x 28 (the face model's 14 x 14, 7 x 7 and 4 x 4
-    layers; backward 1.1-1.7x oneDNN's, e.g. 960->320 at 4 x 4: 4.2 vs 5.7 ms; forward 1.0-1.2x), where ATen's
+    layers; backward 1.07-1.61x oneDNN's, e.g. 960->320 at 4 x 4: 4.2 vs 5.7 ms; forward 0.95-1.55x), where ATen's
     oneDNN path pays a fixed cost per call (~0.3 ms a primitive at batch 2) and its backward runs grad_x and
     grad_weight as two primitives (bench/test_bench_conv1x1.py, bench/results/conv1x1_cpu.json)."""
     return min(x.shape[2], x.shape[3]) < 28
