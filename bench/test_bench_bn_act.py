@@ -17,9 +17,7 @@ ATen's modules, two chained bn_act calls, fastface.ops.bn_add_act (bench/results
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -27,8 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "bench", "results")
+from _results import save_result
+
 THREADS = int(os.environ.get("BENCH_THREADS", 2))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 15))
 SHAPES = [(64, 96, 56, 56), (64, 144, 28, 28), (64, 32, 56, 56), (64, 192, 14, 14), (64, 576, 7, 7)]
@@ -71,7 +69,6 @@ def maps():
 def test_bn_act_forward_backward(benchmark, maps):
     """Median ms per forward + backward of each provider per map; fastface's speed-up over ATen."""
     from fastface.ops import cpu_cache
-    from fastface.utils import atomic_write_text
 
     times = {m: {p: [] for p in PROVIDERS} for m in maps}
 
@@ -89,13 +86,9 @@ def test_bn_act_forward_backward(benchmark, maps):
         benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     ms = {m: {p: statistics.median(v) * 1e3 for p, v in d.items()} for m, d in times.items()}
     speedup = {m: d["aten"] / d["fastface"] for m, d in ms.items()}
-    payload = {"what": "median ms per training BN + ReLU6 forward + backward, channels_last fp32; speedup = aten / "
-                       "fastface", "threads": torch.get_num_threads(), "rounds": ROUNDS, "ms": ms, "speedup": speedup,
-               "load_avg": os.getloadavg(), "torch": torch.__version__, "machine": platform.platform(),
-               "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, os.environ.get("BENCH_OUT", "bn_act_cpu.json"))
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    path = save_result("bn_act_cpu.json", {
+        "what": "median ms per training BN + ReLU6 forward + backward, channels_last fp32; speedup = aten / fastface",
+        "rounds": ROUNDS, "ms": ms, "speedup": speedup})
     print(f"\nBN + ReLU6 forward + backward, median ms over {ROUNDS} rounds, {torch.get_num_threads()} threads:")
     for m, d in ms.items():
         print(f"  {m:<16} aten {d['aten']:8.2f}   fastface {d['fastface']:8.2f}   x{speedup[m]:.2f}")
@@ -135,7 +128,6 @@ def test_bn_add_act_forward_backward(benchmark, maps):
     """Median ms per forward + backward of the stems' merge: ATen's modules, two chained bn_act calls (the
     trainer's path before bn_add_act), bn_add_act. Results: bench/results/bn_add_act_cpu.json."""
     from fastface.ops import cpu_cache
-    from fastface.utils import atomic_write_text
 
     z1, g1, b1, gy = _inputs(STEM)
     g = torch.Generator().manual_seed(1)
@@ -156,13 +148,9 @@ def test_bn_add_act_forward_backward(benchmark, maps):
         benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     ms = {p: statistics.median(v) * 1e3 for p, v in times.items()}
     speedup = {"fastface_vs_chain": ms["chain"] / ms["fastface"], "fastface_vs_aten": ms["aten"] / ms["fastface"]}
-    payload = {"what": "median ms per forward + backward of relu6(BN(z1) + BN(z2)) on two "
-                       f"{'x'.join(map(str, STEM))} channels_last fp32 maps", "ms": ms, "speedup": speedup,
-               "threads": torch.get_num_threads(), "rounds": ROUNDS, "load_avg": os.getloadavg(),
-               "torch": torch.__version__, "machine": platform.platform(), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path = os.path.join(RESULTS, os.environ.get("BENCH_OUT_MERGE", "bn_add_act_cpu.json"))
-    os.makedirs(RESULTS, exist_ok=True)
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    path = save_result("bn_add_act_cpu.json", {
+        "what": f"median ms per forward + backward of relu6(BN(z1) + BN(z2)) on two {'x'.join(map(str, STEM))} "
+                "channels_last fp32 maps", "ms": ms, "speedup": speedup, "rounds": ROUNDS}, env="BENCH_OUT_MERGE")
     print(f"\nstems' add merge forward + backward, median ms over {ROUNDS} rounds, {torch.get_num_threads()} threads: "
           f"aten {ms['aten']:.2f}, chained bn_act {ms['chain']:.2f}, bn_add_act {ms['fastface']:.2f} "
           f"(x{speedup['fastface_vs_chain']:.2f} the chain, x{speedup['fastface_vs_aten']:.2f} aten)")

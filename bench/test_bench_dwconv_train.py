@@ -38,9 +38,7 @@ each map by its count in the network. Results: bench/results/dwconv_train_cpu.js
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -48,8 +46,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "bench", "results")
+from _results import save_result
+
 THREADS = int(os.environ.get("BENCH_THREADS", 2))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 15))
 # (input shape, stride, layers of the face model with it, whether an expand conv precedes it: a block's
@@ -146,20 +144,7 @@ def _rounds(benchmark, maps, providers):
 
 
 def _save(name: str, payload: dict) -> str:
-    from fastface.utils import atomic_write_text
-
-    payload.update({"threads": torch.get_num_threads(), "rounds": ROUNDS, "load_avg": os.getloadavg(),
-                    "torch": torch.__version__, "machine": platform.platform(),
-                    "when": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    path = os.path.join(RESULTS, os.environ.get("BENCH_OUT", "dwconv_train_cpu.json"))
-    os.makedirs(RESULTS, exist_ok=True)
-    results = {}
-    if os.path.exists(path):  # the other test's section is kept
-        with open(path) as f:
-            results = json.load(f)
-    results[name] = payload
-    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
-    return path
+    return save_result("dwconv_train_cpu.json", {**payload, "rounds": ROUNDS}, section=name)
 
 
 def test_dwconv_backward(benchmark, maps):

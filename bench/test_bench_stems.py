@@ -20,9 +20,7 @@ bench/results/stems_cpu.json.
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -30,8 +28,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "bench", "results")
+from _results import save_result
+
 THREADS = int(os.environ.get("BENCH_THREADS", 2))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 15))
 BATCH = int(os.environ.get("BENCH_BATCH", 64))
@@ -93,7 +91,6 @@ def test_stems_forward_backward(benchmark, threads):
     """Median ms per forward + backward of the two stems + BNs + add + ReLU6, per provider; ratios to fastface.
     Results: bench/results/stems_cpu.json."""
     from fastface.ops import cpu_cache
-    from fastface.utils import atomic_write_text
 
     x, params, gy = _inputs()
     times = {p: [] for p in PROVIDERS}
@@ -112,14 +109,10 @@ def test_stems_forward_backward(benchmark, threads):
     speedup = {"fastface_vs_bn_add_act": ms["bn_add_act"] / ms["fastface"],
                "fastface_vs_aten": ms["aten"] / ms["fastface"]}
     benchmark.extra_info.update({"ms": ms, "speedup": speedup})
-    payload = {"what": f"median ms per forward + backward of the face model's two stems (NCHW {BATCH}x4x112x112 batch, "
-                       "3x3 stride-2 convs to 32 channels, training BNs, add, ReLU6; gradients of the weights and BN "
-                       "parameters), fp32", "ms": ms, "speedup": speedup, "threads": torch.get_num_threads(),
-               "rounds": ROUNDS, "load_avg": os.getloadavg(), "torch": torch.__version__,
-               "machine": platform.platform(), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path = os.path.join(RESULTS, os.environ.get("BENCH_OUT", "stems_cpu.json"))
-    os.makedirs(RESULTS, exist_ok=True)
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    path = save_result("stems_cpu.json", {
+        "what": f"median ms per forward + backward of the face model's two stems (NCHW {BATCH}x4x112x112 batch, 3x3 "
+                "stride-2 convs to 32 channels, training BNs, add, ReLU6; gradients of the weights and BN parameters), "
+                "fp32", "ms": ms, "speedup": speedup, "rounds": ROUNDS})
     print(f"\nstems forward + backward, median ms over {ROUNDS} rounds, {torch.get_num_threads()} threads: "
           f"aten {ms['aten']:.2f}, convs + bn_add_act {ms['bn_add_act']:.2f}, stems_bn_add_act {ms['fastface']:.2f} "
           f"(x{speedup['fastface_vs_bn_add_act']:.2f} convs + bn_add_act, x{speedup['fastface_vs_aten']:.2f} aten)")
