@@ -1,6 +1,8 @@
 """Test helpers shared by the kernel tests."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 
@@ -29,3 +31,32 @@ def assert_layout_follows_input(y: torch.Tensor, x: torch.Tensor, channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     else:
         assert y.is_contiguous()
+
+
+def assert_bitwise_same_across_threads(run: Callable[[], Sequence[torch.Tensor]],
+                                       threads: Sequence[int] = (1, 2, 1)) -> None:
+    """run() (an op's outputs and gradients) gives bit-identical tensors at each of these intra-op thread counts
+    (the count is restored afterwards)."""
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            outs.append(tuple(run()))
+    finally:
+        torch.set_num_threads(old)
+    for other in outs[1:]:
+        assert len(other) == len(outs[0])
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
+def keep_two_bns_off_relu6_kinks(ins: Sequence[torch.Tensor], channels: int, beta_b_top: float) -> None:
+    """For gradcheck of a two-BN add merge whose inputs are (_, gamma_a, beta_a, _, gamma_b, beta_b, ...): betas
+    spread over [1, 2] and [1, beta_b_top], gammas scaled by 0.2, so that the summed pre-activations stay off the
+    ReLU6 kinks (0 and 6), where the gradient is undefined."""
+    with torch.no_grad():
+        ins[2].copy_(torch.linspace(1.0, 2.0, channels, dtype=ins[2].dtype))
+        ins[5].copy_(torch.linspace(1.0, beta_b_top, channels, dtype=ins[5].dtype))
+        ins[1].mul_(0.2)
+        ins[4].mul_(0.2)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fastface._ext import HAS_EXT
 from fastface.ops import BackendUnavailable, bn_act, bn_act_backward, bn_act_backward_reference, use_backend
+from helpers import assert_bitwise_same_across_threads
 
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="fastface._C not built")
 EPS = 1e-5
@@ -188,20 +189,12 @@ def test_large_maps_stream_their_outputs_and_merge_chunks(dtype, shape, residual
 @needs_ext
 def test_runs_are_bitwise_deterministic_across_thread_counts():
     x, gamma, beta, r, gy = _inputs((16, 48, 30, 30), torch.float32, 9, True, requires_grad=False)
-    outs = []
-    old = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 1):
-            torch.set_num_threads(threads)
-            y, mean, invstd = torch.ops.fastface.bn_act(x, gamma, beta, r, EPS, True)
-            grads = torch.ops.fastface.bn_act_backward(gy, x, gamma, beta, mean, invstd, r, True)
-            outs.append((y, mean, invstd, *grads))
-    finally:
-        torch.set_num_threads(old)
-    for a, b in zip(outs[0], outs[1]):
-        assert torch.equal(a, b)
-    for a, b in zip(outs[0], outs[2]):
-        assert torch.equal(a, b)
+
+    def run():
+        y, mean, invstd = torch.ops.fastface.bn_act(x, gamma, beta, r, EPS, True)
+        return (y, mean, invstd, *torch.ops.fastface.bn_act_backward(gy, x, gamma, beta, mean, invstd, r, True))
+
+    assert_bitwise_same_across_threads(run)
 
 
 def test_mean_and_invstd_are_not_differentiable():

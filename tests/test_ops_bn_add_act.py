@@ -9,6 +9,7 @@ from fastface._ext import HAS_EXT
 from fastface.ops.bn_act import bn_stats_reference
 from fastface.ops import BackendUnavailable, bn_add_act, bn_add_act_backward_reference, bn_add_act_reference, \
     use_backend
+from helpers import assert_bitwise_same_across_threads, keep_two_bns_off_relu6_kinks
 
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="fastface._C not built")
 EPS = 1e-5
@@ -116,12 +117,7 @@ def test_nchw_input_is_converted_and_stays_nchw():
 @pytest.mark.parametrize("relu6", [True, False], ids=["act", "none"])
 def test_gradcheck_float64(backend, shape, relu6):
     *ins, _ = _inputs(shape, torch.float64, 7)
-    # Keep pre-activations off the ReLU6 kinks (0 and 6), where the gradient is undefined.
-    with torch.no_grad():
-        ins[2].copy_(torch.linspace(1.0, 2.0, shape[1], dtype=torch.float64))
-        ins[5].copy_(torch.linspace(1.0, 2.5, shape[1], dtype=torch.float64))
-        ins[1].mul_(0.2)
-        ins[4].mul_(0.2)
+    keep_two_bns_off_relu6_kinks(ins, shape[1], 2.5)
 
     def f(*ts):
         with use_backend(backend):
@@ -146,18 +142,12 @@ def test_opcheck(shape, relu6, channels_last):
 @needs_ext
 def test_runs_are_bitwise_deterministic_across_thread_counts():
     *ins, gy = _inputs((16, 48, 30, 30), torch.float32, 9, requires_grad=False)
-    outs = []
-    old = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 1):
-            torch.set_num_threads(threads)
-            out = torch.ops.fastface.bn_add_act(*ins, EPS, True)
-            grads = torch.ops.fastface.bn_add_act_backward(gy, *ins[:3], *out[1:3], *ins[3:], *out[3:5], True)
-            outs.append((*out, *grads))
-    finally:
-        torch.set_num_threads(old)
-    for a, b, c in zip(*outs):
-        assert torch.equal(a, b) and torch.equal(a, c)
+
+    def run():
+        out = torch.ops.fastface.bn_add_act(*ins, EPS, True)
+        return (*out, *torch.ops.fastface.bn_add_act_backward(gy, *ins[:3], *out[1:3], *ins[3:], *out[3:5], True))
+
+    assert_bitwise_same_across_threads(run)
 
 
 def test_statistics_are_not_differentiable():

@@ -10,6 +10,7 @@ from fastface._ext import HAS_EXT
 from fastface.ops.bn_act import bn_stats_reference
 from fastface.ops import (BackendUnavailable, stems_bn_add_act, stems_bn_add_act_backward_reference,
                           stems_bn_add_act_reference, use_backend)
+from helpers import assert_bitwise_same_across_threads, keep_two_bns_off_relu6_kinks
 
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="fastface._C not built")
 EPS = 1e-5
@@ -142,12 +143,7 @@ def test_large_maps_take_the_streaming_path_on_two_threads(relu6):
 @pytest.mark.parametrize("relu6", [True, False], ids=["act", "none"])
 def test_gradcheck_float64(backend, case, relu6):
     x, *params, _ = _inputs(case, torch.float64, 7)
-    # Keep pre-activations off the ReLU6 kinks (0 and 6), where the gradient is undefined.
-    with torch.no_grad():
-        params[2].copy_(torch.linspace(1.0, 2.0, case[5], dtype=torch.float64))
-        params[5].copy_(torch.linspace(1.0, 1.5, case[5], dtype=torch.float64))
-        params[1].mul_(0.2)
-        params[4].mul_(0.2)
+    keep_two_bns_off_relu6_kinks(params, case[5], 1.5)
 
     def f(*ts):
         with use_backend(backend):
@@ -181,19 +177,13 @@ def test_the_registered_op_refuses_a_gradient_for_x():
 @needs_ext
 def test_runs_are_bitwise_deterministic_across_thread_counts():
     x, *params, gy = _inputs((6, 3, 1, 40, 36, 32, 2), torch.float32, 9, requires_grad=False)
-    outs = []
-    old = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 1):
-            torch.set_num_threads(threads)
-            out = torch.ops.fastface.stems_bn_add_act(x, *params, 2, EPS, True)
-            grads = torch.ops.fastface.stems_bn_add_act_backward(gy, x, *params[:3], *out[1:3], *params[3:],
-                                                                 *out[3:5], 2, True)
-            outs.append((*out, *grads))
-    finally:
-        torch.set_num_threads(old)
-    for a, b, c in zip(*outs):
-        assert torch.equal(a, b) and torch.equal(a, c)
+
+    def run():
+        out = torch.ops.fastface.stems_bn_add_act(x, *params, 2, EPS, True)
+        return (*out, *torch.ops.fastface.stems_bn_add_act_backward(gy, x, *params[:3], *out[1:3], *params[3:],
+                                                                       *out[3:5], 2, True))
+
+    assert_bitwise_same_across_threads(run)
 
 
 def test_statistics_are_not_differentiable_and_x_gets_no_gradient():
